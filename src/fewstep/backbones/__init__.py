@@ -1,0 +1,1 @@
+"""Backbones: the diffusers UNet2DModel adapter and the exact Gaussian-mixture model."""

@@ -1,0 +1,84 @@
+"""Backbone + parameterization -> eps(x, t) and x0(x, t), with NFE and cost accounting.
+
+A `Denoiser` is what every sampler calls: ``model(x, t) -> eps`` with `t` a float
+(fractional allowed) discrete timestep, shared by the batch. It converts the
+backbone's output from its parameterization to eps:
+
+    eps:  eps = f
+    x0:   eps = (x - sqrt(ab) f) / sqrt(1 - ab)
+    v:    eps = sqrt(ab) f + sqrt(1 - ab) x          (v = sqrt(ab) eps - sqrt(1 - ab) x0)
+
+Strategies act below it: skip hooks live on the backbone adapter, a cache
+strategy (DeepCache) replaces the backbone call. The denoiser counts every
+network evaluation (NFE) and, per kind of call ("full", "partial@m"), its MACs.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+class Denoiser(nn.Module):
+    def __init__(self, backbone: nn.Module, schedule: NoiseSchedule, parameterization: str = "eps",
+                 cache=None):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization '{parameterization}' (choose from {', '.join(PARAMETERIZATIONS)})")
+        self.backbone = backbone
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.cache = cache
+        self.calls: Counter = Counter()  # kind of backbone call -> number of batched calls
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def nfe(self) -> int:
+        return sum(self.calls.values())
+
+    def reset(self):
+        """Start a new sampling run for a new batch: zero the counters, drop any cache."""
+        self.calls = Counter()
+        if self.cache is not None:
+            self.cache.reset()
+
+    # ------------------------------------------------------------------ model calls
+    def _alpha_bar(self, t: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(float(self.schedule.alpha_bar_at(t)), dtype=like.dtype, device=like.device)
+
+    def backbone_out(self, x: torch.Tensor, t) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+        if self.cache is not None:
+            out, kind = self.cache(self.backbone, x, tt)
+        else:
+            out, kind = self.backbone(x, tt), "full"
+        self.calls[kind] += 1
+        return out
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        """eps_theta(x_t, t)."""
+        f = self.backbone_out(x, t)
+        if f.shape[1] != x.shape[1]:  # learned-variance heads: keep the mean channels
+            f = f[:, : x.shape[1]]
+        f = f.to(x.dtype)
+        if self.parameterization == "eps":
+            return f
+        ab = self._alpha_bar(t, x)
+        if self.parameterization == "x0":
+            return (x - ab.sqrt() * f) / (1 - ab).sqrt()
+        return ab.sqrt() * f + (1 - ab).sqrt() * x
+
+    eps = forward
+
+    def x0(self, x: torch.Tensor, t, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tweedie / DDIM x0 prediction: (x - sqrt(1 - ab) eps) / sqrt(ab)."""
+        if eps is None:
+            eps = self(x, t)
+        ab = self._alpha_bar(t, x)
+        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
