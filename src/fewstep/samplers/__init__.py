@@ -1,0 +1,105 @@
+"""Samplers: one short function per family, all over a Denoiser `model(x, t) -> eps`.
+
+    ddpm       ancestral (Ho et al. 2020) on any timestep subsequence        ddpm.py
+    ddim       generalized DDIM step, eta >= 0 (Song et al. 2021, eq. 12)    ddim.py
+    dpmpp      DPM-Solver++ multistep, orders 1-3 (Lu et al. 2022)           dpmpp.py
+    euler/heun EDM Alg. 1 in sigma space (Karras et al. 2022)               edm.py
+    diffusers  any DDPM-type diffusers scheduler, by class name              diffusers_sampler.py
+
+`sample(cfg, model, z, noise, schedule, variance)` is the one entry point the tasks use. NFE is
+counted by the model. Nothing here forces torch.no_grad(): wrap the call yourself when sampling,
+leave it off to back-propagate through the sampler (e.g. to fit skip coefficients).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..schedule import SPACINGS, select_timesteps
+from .ddim import sample_ddim
+from .ddpm import VAR_TYPES, sample_ddpm
+from .diffusers_sampler import sample_diffusers, scheduler_class
+from .dpmpp import sample_dpmpp
+from .edm import edm_sigmas, sample_euler, sample_heun
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun", "diffusers")
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp": "logsnr", "euler": "karras", "heun": "karras"}
+ANALYTIC_DP = "analytic_dp"  # timesteps chosen by the Analytic-DPM dynamic programme of the variance rule
+
+__all__ = ["SAMPLERS", "sample", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
+           "sample_dpmpp", "sample_euler", "sample_heun", "sample_diffusers"]
+
+
+def _kwargs(cfg) -> dict:
+    kw = cfg.get("kwargs", None) or {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(kw, DictConfig):
+            kw = OmegaConf.to_container(kw, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(kw)
+
+
+def validate_sampler_cfg(cfg) -> None:
+    """Check a sampler config node before anything heavy is built; one-line ValueError on bad input."""
+    name = cfg.get("name", None)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
+    steps = cfg.get("steps", None)
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"sampler.steps must be an integer >= 1 (got {steps!r})")
+    if name == "diffusers":
+        scheduler_class(cfg.get("scheduler", None))
+        kw = cfg.get("kwargs", None)
+        if kw is not None and not hasattr(kw, "keys"):
+            raise ValueError(f"sampler.kwargs must be a mapping of scheduler arguments (got {kw!r})")
+        return
+    spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[name]
+    if spacing not in SPACINGS + (ANALYTIC_DP,):
+        raise ValueError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS + (ANALYTIC_DP,))})")
+    if name == "ddim" and not float(cfg.get("eta", 0.0)) >= 0:
+        raise ValueError(f"sampler.eta must be >= 0 (got {cfg.get('eta')})")
+    if name == "ddpm" and cfg.get("var_type", "beta_tilde") not in VAR_TYPES:
+        raise ValueError(f"unknown sampler.var_type '{cfg.get('var_type')}' (choose from {', '.join(VAR_TYPES)})")
+    if name == "dpmpp" and cfg.get("order", 2) not in (1, 2, 3):
+        raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.get('order')!r})")
+
+
+def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:
+    """Decreasing float64 timesteps of a native sampler: cfg.timesteps spacing, or the Analytic-DPM
+    optimal trajectory `variance.dp_timesteps(steps)` when cfg.timesteps == "analytic_dp"."""
+    spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[cfg.get("name")]
+    if spacing == ANALYTIC_DP:
+        if variance is None or not hasattr(variance, "dp_timesteps"):
+            raise ValueError("timesteps=analytic_dp needs an Analytic-DPM variance rule (variance=analytic), "
+                             "which provides dp_timesteps(steps)")
+        ts = np.asarray(variance.dp_timesteps(int(cfg.get("steps"))), dtype=np.float64)
+        return np.sort(ts[ts >= 0])[::-1].copy()  # the jump to data (t = -1) is implicit
+    return select_timesteps(schedule, int(cfg.get("steps")), spacing)
+
+
+def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None) -> torch.Tensor:
+    """x_0 from initial noise z ~ N(0, I) with the sampler described by the config node `cfg`.
+
+    noise: a SampleNoise (per-sample N(0, I) for stochastic steps; its generators feed stochastic
+    diffusers schedulers). variance: an optional reverse-variance rule variance(t, s, lam2) -> sigma2
+    used by ddpm and ddim (Analytic-DPM); the ODE samplers ignore it.
+    """
+    validate_sampler_cfg(cfg)
+    name = cfg.get("name")
+    if name == "diffusers":
+        return sample_diffusers(model, z, schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg), noise=noise)
+    ts = sampler_timesteps(cfg, schedule, variance)
+    if name == "ddim":
+        return sample_ddim(model, z, ts, schedule, eta=float(cfg.get("eta", 0.0)), noise=noise, variance=variance)
+    if name == "ddpm":
+        return sample_ddpm(model, z, ts, schedule, var_type=cfg.get("var_type", "beta_tilde"), noise=noise,
+                           variance=variance)
+    if name == "dpmpp":
+        return sample_dpmpp(model, z, ts, schedule, order=int(cfg.get("order", 2)),
+                            lower_order_final=bool(cfg.get("lower_order_final", True)))
+    x = float(edm_sigmas(ts, schedule)[0]) * z  # EDM: x = sigma_max z in VE space
+    return (sample_euler if name == "euler" else sample_heun)(model, x, ts, schedule)

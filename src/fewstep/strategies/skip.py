@@ -1,0 +1,284 @@
+"""Skip-connection strategies, as skip hooks of a backbone adapter (`UNetAdapter.skip_hooks`).
+
+A hook is called right before decoder layer i concatenates its decoder ("up", backbone)
+feature u with the encoder ("down") feature d carried by skip i:
+
+    hook(i, d, u, t) -> (d, u)        t: (B,) float model timesteps of the batch
+
+Depth index i follows the adapter: i = 0 is the DEEPEST skip (next to the bottleneck,
+consumed first by the decoder), i = k the shallowest (conv_in's output), k + 1 skips.
+
+Strategies (conf/skip/<name>.yaml, chosen with ``skip=<name>``):
+
+* ``none``   no hook at all.
+* ``linear`` Skip-Tuning (Ma et al., ICML 2024, arXiv 2402.15170, Sec. 4). Skip i is multiplied by
+
+      rho_i = rho_bottom + i (rho_top - rho_bottom) / k,      i = 0 (deepest) .. k (shallowest)
+
+  (granularity ``skip``), or, one value per resolution level (granularity ``level``),
+
+      rho_j = rho_bottom + j (rho_top - rho_bottom) / (L - 1),  j = 0 (lowest resolution) .. L - 1.
+
+  The paper keeps rho_top = 1 and lowers rho_bottom (about 0.5-0.9) for ODE samplers at low
+  NFE; SDE samplers may want rho >= 1. There is no official code: this file is our reference
+  implementation, and `skip_scales` returns the exact list it applies.
+* ``freeu``  FreeU (Si et al., CVPR 2024, arXiv 2309.11497) for UNet2DModel, exactly as diffusers'
+  ``apply_freeu`` does for UNet2DConditionModel: in the two lowest-resolution up blocks
+  (stage 1 = up block 0, stage 2 = up block 1), at every decoder layer, multiply the first half
+  of the channels of u by b1 / b2 and scale the low-frequency band of d by s1 / s2
+  (`fourier_filter`, threshold 1). Later up blocks are untouched.
+* ``learned`` (to be added): register its builder in `_BUILDERS` below; it can reuse
+  `ScaleSkips`, which accepts a tensor of scales that requires grad and a per-step table.
+
+Every strategy takes an optional ``t_range: [t_min, t_max]`` (model discrete timesteps,
+inclusive): the hook acts only on the samples of the batch whose t lies inside it and is the
+identity elsewhere (selected per sample with torch.where, so it is compile-friendly).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+GRANULARITIES = ("skip", "level")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _get(cfg, key, default):
+    """cfg.key with a default, for DictConfig / dict / None alike (null -> default)."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def parse_t_range(t_range) -> Optional[Tuple[float, float]]:
+    """None or [t_min, t_max] (model timesteps, inclusive) -> None or a float pair."""
+    if t_range is None:
+        return None
+    try:
+        t_min, t_max = (float(v) for v in t_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"t_range must be null or [t_min, t_max] with t_min <= t_max (got {t_range})") from None
+    if not t_min <= t_max:
+        raise ValueError(f"t_range must be null or [t_min, t_max] with t_min <= t_max (got {t_range})")
+    return t_min, t_max
+
+
+def window_mask(t: torch.Tensor, t_range: Optional[Tuple[float, float]], ndim: int = 4) -> Optional[torch.Tensor]:
+    """(B, 1, ..., 1) bool mask of the samples whose timestep lies in t_range; None = everywhere."""
+    if t_range is None:
+        return None
+    inside = (t >= t_range[0]) & (t <= t_range[1])
+    return inside.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _check_nonneg(**values):
+    for name, v in values.items():
+        if not float(v) >= 0:
+            raise ValueError(f"{name} must be >= 0 (got {v})")
+
+
+def _require_skips(adapter, strategy: str):
+    if not getattr(adapter, "skips", None) or not hasattr(adapter, "skip_hooks"):
+        raise ValueError(f"skip strategy '{strategy}' needs a backbone with skip connections "
+                         f"(a UNetAdapter); {type(adapter).__name__} has none: use skip=none")
+
+
+# ---------------------------------------------------------------------------- Skip-Tuning
+def skip_scales(skips, rho_top: float = 1.0, rho_bottom: float = 1.0, granularity: str = "skip",
+                levels: Optional[Sequence[int]] = None) -> List[float]:
+    """The Skip-Tuning factors rho_i, indexed by depth i (0 = deepest skip).
+
+    `skips` is an adapter (its `skips` give the levels) or the number of skips k + 1 (then
+    granularity "level" needs `levels`, the resolution level of each depth, 0 = lowest).
+
+        skip:   rho_i = rho_bottom + i (rho_top - rho_bottom) / k
+        level:  rho_i = rho_bottom + level_i (rho_top - rho_bottom) / (L - 1)
+
+    With a single skip (k = 0) or a single level (L = 1) every rho is rho_bottom.
+    """
+    _check_nonneg(rho_top=rho_top, rho_bottom=rho_bottom)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown skip granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
+    if isinstance(skips, int):
+        n = skips
+        if levels is None and granularity == "level":
+            raise ValueError("granularity 'level' needs the level of each skip: pass an adapter or levels=")
+    else:
+        n = len(skips.skips)
+        if levels is None:
+            levels = [s.level for s in skips.skips]
+    if n < 1:
+        raise ValueError(f"number of skips must be >= 1 (got {n})")
+    rho_top, rho_bottom = float(rho_top), float(rho_bottom)
+    if granularity == "skip":
+        k = n - 1
+        return [rho_bottom + (i * (rho_top - rho_bottom) / k if k else 0.0) for i in range(n)]
+    levels = list(levels)
+    if len(levels) != n:
+        raise ValueError(f"levels must give one level per skip ({n}), got {len(levels)}")
+    top = max(levels)  # L - 1
+    return [rho_bottom + (lv * (rho_top - rho_bottom) / top if top else 0.0) for lv in levels]
+
+
+class ScaleSkips:
+    """Skip hook d_i <- rho_i d_i for any per-skip factors (Skip-Tuning, learned rho, ...).
+
+    scales:  a list of floats (one per depth i), a (K,) tensor (may require grad: gradients
+             flow into it), or a (S, K) per-step table with `table_t` (S,) the model timesteps
+             of its rows; each sample then uses the row whose timestep is nearest its t.
+    t_range: [t_min, t_max] or None; outside it the skip is left exactly as is.
+    """
+
+    def __init__(self, scales: Union[Sequence[float], torch.Tensor], t_range=None,
+                 table_t: Optional[Union[Sequence[float], torch.Tensor]] = None):
+        self.t_range = parse_t_range(t_range)
+        if torch.is_tensor(scales):
+            if scales.ndim not in (1, 2) or (scales.ndim == 2) != (table_t is not None):
+                raise ValueError("scales must be a (K,) tensor, or a (S, K) tensor with table_t of S timesteps")
+            if not scales.requires_grad and bool((scales < 0).any()):
+                raise ValueError(f"skip scales must be >= 0 (got {scales.tolist()})")
+            self.scales = scales
+            self.table_t = None if table_t is None else torch.as_tensor(table_t, dtype=torch.float32)
+            if self.table_t is not None and self.table_t.shape != scales.shape[:1]:
+                raise ValueError(f"table_t must have one timestep per row of scales ({scales.shape[0]})")
+        else:
+            if table_t is not None:
+                raise ValueError("a per-step table must be a (S, K) tensor")
+            self.scales = [float(s) for s in scales]
+            _check_nonneg(**{f"rho_{i}": s for i, s in enumerate(self.scales)})
+            self.table_t = None
+
+    def __len__(self):
+        return self.scales.shape[-1] if torch.is_tensor(self.scales) else len(self.scales)
+
+    def rho(self, i: int, t: torch.Tensor):
+        """rho_i for the batch: a float, a 0-dim tensor, or a (B,) tensor (per-step table)."""
+        if self.table_t is None:
+            return self.scales[i]
+        table_t = self.table_t.to(t.device)
+        row = (t.float()[:, None] - table_t[None, :]).abs().argmin(dim=1)
+        return self.scales[row, i]
+
+    def __call__(self, i: int, d: torch.Tensor, u: torch.Tensor, t: torch.Tensor):
+        rho = self.rho(i, t)
+        if isinstance(rho, float):
+            if rho == 1.0:
+                return d, u
+            scaled = d * rho
+        else:
+            rho = rho.to(d.dtype)
+            scaled = d * (rho.reshape((-1,) + (1,) * (d.ndim - 1)) if rho.ndim else rho)
+        mask = window_mask(t, self.t_range, d.ndim)
+        return (scaled if mask is None else torch.where(mask, scaled, d)), u
+
+    def __repr__(self):
+        s = self.scales if not torch.is_tensor(self.scales) else f"tensor{tuple(self.scales.shape)}"
+        return f"ScaleSkips({s}, t_range={self.t_range})"
+
+
+def _build_linear(cfg, adapter) -> list:
+    rho_top = float(_get(cfg, "rho_top", 1.0))
+    rho_bottom = float(_get(cfg, "rho_bottom", 1.0))
+    granularity = str(_get(cfg, "granularity", "skip"))
+    t_range = parse_t_range(_get(cfg, "t_range", None))
+    # validate before looking at the backbone (rho < 0, unknown granularity)
+    skip_scales(1, rho_top, rho_bottom, "skip")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown skip granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
+    if rho_top == 1.0 and rho_bottom == 1.0:
+        return []  # exactly the plain network
+    _require_skips(adapter, "linear")
+    scales = skip_scales(adapter, rho_top, rho_bottom, granularity)
+    return [ScaleSkips(scales, t_range)]
+
+
+# ---------------------------------------------------------------------------- FreeU
+def fourier_filter(x: torch.Tensor, threshold: int = 1, scale: float = 1.0) -> torch.Tensor:
+    """FreeU's spectral modulation of a skip feature (Si et al. 2023, Alg. 1).
+
+    Multiply the centred (fftshift'ed) 2D spectrum of x by `scale` on the square
+    [H/2 - threshold, H/2 + threshold) x [W/2 - threshold, W/2 + threshold) (the lowest
+    frequencies, DC included), leave the rest, and transform back (real part). Computed in
+    float32 and cast back to x.dtype, as diffusers does; the result has x's memory layout.
+    """
+    x32 = x.float()
+    spec = torch.fft.fftshift(torch.fft.fftn(x32, dim=(-2, -1)), dim=(-2, -1))
+    H, W = spec.shape[-2:]
+    crow, ccol = H // 2, W // 2
+    mask = torch.ones((H, W), device=x.device)
+    mask[crow - threshold: crow + threshold, ccol - threshold: ccol + threshold] = scale
+    spec = spec * mask
+    out = torch.fft.ifftn(torch.fft.ifftshift(spec, dim=(-2, -1)), dim=(-2, -1)).real
+    return torch.empty_like(x).copy_(out)  # x's dtype and memory layout (convs downstream see the same strides)
+
+
+class FreeU:
+    """FreeU skip hook for a UNetAdapter (the diffusers "v1" variant, without FreeU v2's
+    structure-aware backbone mask).
+
+    At decoder layers of up block 0 (stage 1, lowest resolution) and up block 1 (stage 2):
+        u[:, :C/2] <- b u[:, :C/2]              backbone factor b1 / b2   (amplify)
+        d          <- IFFT(FFT(d) * (s on the 2*threshold lowest frequencies, 1 elsewhere))
+                                                skip factor s1 / s2       (attenuate)
+    """
+
+    def __init__(self, skips, b1: float, b2: float, s1: float, s2: float, t_range=None, threshold: int = 1):
+        _check_nonneg(b1=b1, b2=b2, s1=s1, s2=s2)
+        if int(threshold) != threshold or threshold < 1:
+            raise ValueError(f"FreeU threshold must be an integer >= 1 (got {threshold})")
+        self.stage = [s.up_block for s in skips]  # by depth i
+        self.b = (float(b1), float(b2))
+        self.s = (float(s1), float(s2))
+        self.threshold = int(threshold)
+        self.t_range = parse_t_range(t_range)
+
+    def __call__(self, i: int, d: torch.Tensor, u: torch.Tensor, t: torch.Tensor):
+        stage = self.stage[i]
+        if stage > 1:
+            return d, u
+        b, s = self.b[stage], self.s[stage]
+        mask = window_mask(t, self.t_range, d.ndim)
+        if b != 1.0:
+            half = u.shape[1] // 2  # u[:, :half] * b, elementwise so u keeps its memory layout
+            u_new = u * torch.tensor([b] * half + [1.0] * (u.shape[1] - half), dtype=u.dtype,
+                                     device=u.device).reshape(1, -1, *(1,) * (u.ndim - 2))
+            u = u_new if mask is None else torch.where(mask, u_new, u)
+        if s != 1.0:
+            d_new = fourier_filter(d, self.threshold, s)
+            d = d_new if mask is None else torch.where(mask, d_new, d)
+        return d, u
+
+    def __repr__(self):
+        return f"FreeU(b={self.b}, s={self.s}, threshold={self.threshold}, t_range={self.t_range})"
+
+
+def _build_freeu(cfg, adapter) -> list:
+    b1, b2 = float(_get(cfg, "b1", 1.0)), float(_get(cfg, "b2", 1.0))
+    s1, s2 = float(_get(cfg, "s1", 1.0)), float(_get(cfg, "s2", 1.0))
+    threshold = _get(cfg, "threshold", 1)
+    t_range = parse_t_range(_get(cfg, "t_range", None))
+    _check_nonneg(b1=b1, b2=b2, s1=s1, s2=s2)
+    if (b1, b2, s1, s2) == (1.0, 1.0, 1.0, 1.0):
+        return []
+    _require_skips(adapter, "freeu")
+    return [FreeU(adapter.skips, b1, b2, s1, s2, t_range, threshold)]
+
+
+# ---------------------------------------------------------------------------- dispatch
+# name -> builder(cfg_skip, adapter) -> list of hooks. A new strategy (e.g. `learned`) adds
+# one entry here and one conf/skip/<name>.yaml.
+_BUILDERS: Dict[str, Callable] = {
+    "none": lambda cfg, adapter: [],
+    "linear": _build_linear,
+    "freeu": _build_freeu,
+}
+
+
+def build_skip(cfg_skip, adapter) -> list:
+    """Hooks for `cfg.skip`, to append to `adapter.skip_hooks` (in order). [] = plain network."""
+    name = str(_get(cfg_skip, "name", "none"))
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown skip strategy '{name}' (choose from {', '.join(_BUILDERS)})")
+    return _BUILDERS[name](cfg_skip, adapter)

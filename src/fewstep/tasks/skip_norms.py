@@ -1,0 +1,209 @@
+"""task=skip_norms: the skip-connection diagnostic of Skip-Tuning (Ma et al., ICML 2024).
+
+At every skip i and every network evaluation of a sampling run it measures
+
+    prop_i = ||d_i||_2 / ||u_i||_2
+
+the norm of the encoder feature d_i carried by skip i over the norm of the decoder feature u_i
+it is concatenated with (per sample, over all C x H x W entries, then averaged over the batch).
+The recorder is a skip hook placed AFTER the strategy hooks, so it sees d and u as the decoder
+layer consumes them (after Skip-Tuning's rho_i, after FreeU's b and s).
+
+The configured sampler (and variance rule, and cache) is run on one batch (task.batch_size, or
+the top-level batch_size; samples 0..B-1 of cfg.seed) with the same noise twice: "plain" (no skip hook) and with the skip strategy installed by
+`build_denoiser` (named after cfg.skip.name); once only when that strategy is trivial. It writes
+into the run folder
+
+    skip_norms.csv   variant, step, t, depth, level, prop   (one row per evaluation and skip)
+    skip_norms.png   left: prop_i over the evaluations, one line per depth (solid = plain,
+                     dashed = strategy); right: the average over evaluations, bars per depth
+    metrics.json     prop/<variant>/i<depth> (average over evaluations), nfe/<variant>
+
+`step` counts network evaluations (a Heun step has two); `t` is the model timestep of that
+evaluation. With a cache strategy (DeepCache) a partial evaluation only recomputes the shallow
+skips, so only those are recorded for it. Usage:
+
+    python run.py task=skip_norms sampler=ddim sampler.steps=10 skip.rho_bottom=0.7
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("variant", "step", "t", "depth", "level", "prop")
+
+
+class SkipNormRecorder:
+    """Skip hook recording prop_i = mean_b ||d_i[b]|| / ||u_i[b]|| at every call; returns (d, u) unchanged.
+
+    A new network evaluation starts whenever the depth index does not increase (the decoder
+    visits i = 0, 1, ..., k in order, or a shallow suffix of it for a partial forward).
+    """
+
+    def __init__(self):
+        self.records = []  # (step, t, depth, prop) with t and prop 0-dim tensors (no sync while sampling)
+        self.step = -1
+        self._last = None
+
+    def __call__(self, i: int, d: torch.Tensor, u: torch.Tensor, t: torch.Tensor):
+        if self._last is None or i <= self._last:
+            self.step += 1
+        self._last = i
+        with torch.no_grad():
+            ratio = d.detach().flatten(1).float().norm(dim=1) / u.detach().flatten(1).float().norm(dim=1)
+            self.records.append((self.step, t.detach().float().mean(), i, ratio.mean()))
+        return d, u
+
+    def rows(self, variant: str, skips) -> List[dict]:
+        return [dict(variant=variant, step=s, t=float(t), depth=i, level=skips[i].level, prop=float(p))
+                for s, t, i, p in self.records]
+
+
+def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[str, Sequence]) -> List[dict]:
+    """Run `sample_fn()` once per variant with adapter.skip_hooks = variant hooks + a recorder.
+
+    `variants` maps a label to its list of strategy hooks ([] = plain network). The adapter's
+    own hooks are restored afterwards. Returns the rows of skip_norms.csv.
+    """
+    if not getattr(adapter, "skips", None):
+        raise ValueError(f"skip norms need a backbone with skip connections (a UNetAdapter), "
+                         f"not {type(adapter).__name__}")
+    saved = adapter.skip_hooks
+    rows: List[dict] = []
+    try:
+        for label, hooks in variants.items():
+            recorder = SkipNormRecorder()
+            adapter.skip_hooks = list(hooks) + [recorder]
+            with torch.no_grad():
+                sample_fn()
+            rows += recorder.rows(label, adapter.skips)
+    finally:
+        adapter.skip_hooks = saved
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> Dict[str, float]:
+    """prop/<variant>/i<depth>: average over evaluations; nfe/<variant>: evaluations recorded."""
+    acc = defaultdict(list)
+    steps = defaultdict(set)
+    for r in rows:
+        acc[(r["variant"], r["depth"])].append(r["prop"])
+        steps[r["variant"]].add(r["step"])
+    out = {f"prop/{v}/i{i}": sum(p) / len(p) for (v, i), p in sorted(acc.items())}
+    out.update({f"nfe/{v}": len(s) for v, s in steps.items()})
+    return out
+
+
+def write_skip_norms(rows: Sequence[dict], out_dir: str):
+    """Write skip_norms.csv and skip_norms.png into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "skip_norms.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    png_path = os.path.join(out_dir, "skip_norms.png")
+    _plot(rows, png_path)
+    return csv_path, png_path
+
+
+def _plot(rows: Sequence[dict], path: str):
+    from matplotlib import cm
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    depths = sorted({r["depth"] for r in rows})
+    level = {r["depth"]: r["level"] for r in rows}
+    series = defaultdict(list)
+    for r in rows:
+        series[(r["variant"], r["depth"])].append((r["step"], r["prop"]))
+    colors = cm.viridis([j / max(len(depths) - 1, 1) for j in range(len(depths))])
+    styles = ["-", "--", ":", "-."]
+    style_names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+    fig = Figure(figsize=(12, 4.5), tight_layout=True)
+    ax, bx = fig.subplots(1, 2)
+    for vi, v in enumerate(variants):
+        for c, i in zip(colors, depths):
+            pts = sorted(series.get((v, i), []))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[vi % len(styles)], color=c,
+                        label=f"i={i} (level {level[i]})" if vi == 0 else None)
+    ax.set_xlabel("network evaluation (step)")
+    ax.set_ylabel(r"$\|d_i\| / \|u_i\|$")
+    ax.set_title(", ".join(f"{style_names[styles[vi % len(styles)]]}: {v}" for vi, v in enumerate(variants)))
+    ax.legend(fontsize=7, ncol=2)
+
+    width = 0.8 / len(variants)
+    for vi, v in enumerate(variants):
+        means = [sum(p for _, p in series[(v, i)]) / max(len(series[(v, i)]), 1) for i in depths]
+        bx.bar([i + (vi - (len(variants) - 1) / 2) * width for i in depths], means, width, color=colors,
+               edgecolor="black", hatch=None if vi == 0 else "//")
+        bx.bar([0], [0], 0, color="white", edgecolor="black", hatch=None if vi == 0 else "//", label=v)  # legend
+    bx.set_xticks(depths)
+    bx.set_xlabel("skip depth i (0 = deepest)")
+    bx.set_ylabel("average over evaluations")
+    bx.legend()
+    fig.savefig(path, dpi=120)
+
+
+def _batch_size(cfg) -> int:
+    task_bs = cfg.task.get("batch_size", None)
+    bs = int(task_bs if task_bs is not None else cfg.batch_size)
+    if bs < 1:
+        raise ValueError(f"task.batch_size must be >= 1 (got {bs})")
+    return bs
+
+
+def run(cfg, out_dir: Optional[str] = None) -> dict:
+    """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json."""
+    from ..build import build_denoiser, resolve_device, sample_shape
+    from ..outputs import METRICS_FILE, RunLogger, output_dir, write_json_atomic
+    from ..samplers import sample
+    from ..samplers.noise import SampleNoise
+    from .evaluate import build_variance_rule, expected_nfe
+
+    batch_size = _batch_size(cfg)
+    if cfg.backbone.name != "unet":
+        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet), "
+                         f"not backbone={cfg.backbone.name}")
+    out = Path(out_dir) if out_dir is not None else output_dir()
+    device = resolve_device(cfg.get("device", "auto"))
+    shape = sample_shape(cfg)
+    model = build_denoiser(cfg, device)
+    variance = build_variance_rule(cfg, model)
+    adapter = model.backbone
+    strategy = list(adapter.skip_hooks)  # what build_denoiser installed from cfg.skip
+
+    def sample_fn():
+        noise = SampleNoise(int(cfg.seed), range(batch_size), shape, device=device)
+        z = noise()
+        model.reset()
+        if model.cache is not None and hasattr(model.cache, "plan"):
+            model.cache.plan(expected_nfe(cfg.sampler))
+        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
+
+    variants = {"plain": []}
+    if strategy:
+        variants[str(cfg.skip.name)] = strategy
+    rows = measure_skip_norms(adapter, sample_fn, variants)
+    csv_path, png_path = write_skip_norms(rows, str(out))
+    result = summarize(rows)
+    result.update({"batch_size": batch_size, "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps),
+                   "skip": cfg.skip.name, "cache": cfg.cache.name})
+    write_json_atomic(out / METRICS_FILE, result)  # last: its presence means the run finished
+    logger = RunLogger(cfg)
+    try:
+        logger.log(result, {"skip_norms": Path(png_path)})
+    finally:
+        logger.finish()
+    log.info("skip norms of %d variant(s) written to %s and %s", len(variants), csv_path, png_path)
+    return result
