@@ -1,0 +1,103 @@
+"""Config -> objects: schedule, backbone (+ strategies), denoiser.
+
+Data flows one way: config -> task -> (data, denoiser(backbone + strategies), sampler) -> metrics -> logger.
+This module is the only place that knows how config groups map onto classes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .denoiser import Denoiser
+from .schedule import NoiseSchedule
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_schedule(cfg_schedule) -> NoiseSchedule:
+    return NoiseSchedule.from_config(cfg_schedule.kind, int(cfg_schedule.n), float(cfg_schedule.beta_start),
+                                     float(cfg_schedule.beta_end))
+
+
+def load_unet(pretrained: str, subfolder=None):
+    """UNet2DModel.from_pretrained from a local folder, or from the local hub cache (never downloads)."""
+    from diffusers import UNet2DModel
+
+    path = Path(os.path.expanduser(str(pretrained)))
+    if path.exists():
+        if not (path / (subfolder or "") / "config.json").exists():
+            raise ConfigError(f"backbone.pretrained={pretrained}: no config.json in that folder "
+                              f"(expected a UNet2DModel save_pretrained folder)")
+        return UNet2DModel.from_pretrained(str(path), subfolder=subfolder)
+    looks_local = str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1
+    if looks_local:
+        raise ConfigError(f"backbone.pretrained={pretrained}: folder not found")
+    try:
+        return UNet2DModel.from_pretrained(str(pretrained), subfolder=subfolder, local_files_only=True)
+    except Exception:
+        raise ConfigError(f"backbone.pretrained={pretrained}: hub id could not be reached (nothing downloads at run "
+                          f"time); download it on a machine with internet and pass backbone.pretrained=/local/folder") from None
+
+
+def build_unet(cfg_backbone):
+    from diffusers import UNet2DModel
+    from omegaconf import OmegaConf
+
+    if cfg_backbone.get("pretrained"):
+        return load_unet(cfg_backbone.pretrained, cfg_backbone.get("subfolder"))
+    kwargs = OmegaConf.to_container(cfg_backbone.config, resolve=True)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return UNet2DModel(**kwargs)
+
+
+def build_backbone(cfg):
+    """The backbone module the denoiser calls: UNetAdapter(UNet2DModel) or GMMExact."""
+    schedule = build_schedule(cfg.backbone.schedule)
+    name = cfg.backbone.name
+    if name == "unet":
+        from .backbones.unet import UNetAdapter
+
+        return UNetAdapter(build_unet(cfg.backbone).eval()), schedule
+    if name == "gmm_exact":
+        from .backbones.gmm import GMMExact
+        from .data import build_mixture
+
+        if cfg.dataset.name != "gmm":
+            raise ConfigError(f"backbone=gmm_exact needs dataset=gmm (got dataset={cfg.dataset.name})")
+        return GMMExact(build_mixture(cfg.dataset), schedule), schedule
+    raise ConfigError(f"unknown backbone '{name}'")
+
+
+def install_strategies(cfg, backbone):
+    """Skip hooks onto the adapter; returns the cache strategy (or None)."""
+    from .strategies.skip import build_skip
+
+    hooks = build_skip(cfg.skip, backbone)
+    if hooks:
+        backbone.skip_hooks.extend(hooks)
+    if cfg.cache.name == "none":
+        return None
+    from .strategies.cache import build_cache
+
+    return build_cache(cfg.cache, backbone)
+
+
+def build_denoiser(cfg, device=None) -> Denoiser:
+    device = device or resolve_device(cfg.get("device", "auto"))
+    backbone, schedule = build_backbone(cfg)
+    backbone.requires_grad_(False)
+    cache = install_strategies(cfg, backbone)
+    return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache).to(device)
+
+
+def sample_shape(cfg) -> tuple:
+    if cfg.dataset.name == "gmm":
+        return (int(cfg.dataset.dim),)
+    return (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))

@@ -1,0 +1,30 @@
+"""Config helpers: the `${repo:...}` resolver and up-front validation of user input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_path(rel: str = "") -> str:
+    """Absolute path of `rel` inside the fewstep checkout (configs use ${repo:checkpoints/...})."""
+    return str(REPO_ROOT / rel) if rel else str(REPO_ROOT)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", repo_path)
+
+
+register_resolvers()
+
+
+class ConfigError(ValueError):
+    """Invalid user input; the message is one line meant for the command line."""
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)

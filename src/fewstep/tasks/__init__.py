@@ -1,0 +1,59 @@
+"""What run.py can do: one module per task (fewstep.tasks.<name>), each with `run(cfg) -> dict`.
+
+`dispatch` validates the user's input first (one clear line, exit code 2, before any model is built),
+then runs the task. Errors that come from the user's environment (a missing dataset or checkpoint) are
+also reported as one line.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..config import ConfigError, check
+
+SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho")
+
+
+def validate(cfg) -> None:
+    """Cheap checks of everything the user can mistype; raises ValueError with one line."""
+    check(int(cfg.n_samples) >= 1, f"n_samples must be >= 1 (got {cfg.n_samples})")
+    check(int(cfg.batch_size) >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    from ..samplers import validate_sampler_cfg
+
+    validate_sampler_cfg(cfg.sampler)
+    skip = cfg.skip
+    for key in ("rho_top", "rho_bottom"):
+        if key in skip:
+            check(float(skip[key]) >= 0, f"skip.{key} must be >= 0 (got {skip[key]})")
+    if cfg.variance.name != "fixed":
+        from ..strategies.variance import validate_variance_cfg
+
+        validate_variance_cfg(cfg.variance, cfg.sampler)
+    if cfg.cache.name != "none":
+        from ..strategies.cache import validate_cache_cfg
+
+        validate_cache_cfg(cfg.cache)
+
+
+def fail(msg: str) -> None:
+    print(f"fewstep: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def dispatch(cfg):
+    from ..data.datasets import DatasetMissing
+
+    name = cfg.task.name
+    try:
+        module = importlib.import_module(f"fewstep.tasks.{name}")
+    except ModuleNotFoundError:
+        fail(f"unknown task '{name}'")
+    try:
+        if name in SAMPLING_TASKS or cfg.task.get("validate", False):
+            validate(cfg)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        return module.run(cfg)
+    except (ConfigError, DatasetMissing) as e:
+        fail(str(e))

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random UNet2DModel and Hydra composition of conf/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import fewstep.config  # noqa: E402,F401  (registers ${repo:...})
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                 attention_head_dim=8)
+
+
+def make_tiny_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**{**TINY_UNET, **overrides}).eval()
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_tiny_unet()
+
+
+def compose_cfg(overrides=()):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose():
+    return compose_cfg
+
+
+# a tiny UNet config usable from the command line / compose (backbone built from config, random weights)
+TINY_OVERRIDES = [
+    "backbone.pretrained=null", "dataset=digits",
+    "backbone.config.block_out_channels=[16,32]", "backbone.config.layers_per_block=1",
+    "backbone.config.down_block_types=[DownBlock2D,DownBlock2D]", "backbone.config.up_block_types=[UpBlock2D,UpBlock2D]",
+    "backbone.config.attention_head_dim=8", "metrics=cost",
+]
