@@ -137,9 +137,7 @@ class RunLogger:
             payload = dict(flat)
             for k, p in (images or {}).items():
                 payload[k] = wandb.Image(str(p))
-            self.run.log(payload)
-            for k, v in flat.items():
-                self.run.summary[k] = v
+            self.run.log(payload)  # also sets the run summary
         elif self.name == "csv":
             with open(self.out / "metrics.csv", "w", newline="") as f:
                 w = csv.writer(f)
@@ -153,6 +151,43 @@ class RunLogger:
             self.run.finish()
             wandb.finish()
             self.run = None
+
+
+def read_offline_run(run_dir: Path) -> Dict[str, Any]:
+    """The summary of an offline W&B run folder (offline-run-*), read from its .wandb record log.
+
+    Lets tests and users check what a run logged without `wandb sync`. The file is a LevelDB-style log
+    (32 KiB blocks, 7-byte record headers) of protobuf `Record`s; summary updates are replayed in order.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = list(Path(run_dir).glob("*.wandb"))
+    data, block, pos, buf, summary = path.read_bytes(), 32768, 7, b"", {}
+
+    def consume(raw):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            consume(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            consume(buf + chunk)
+    return summary
 
 
 # --------------------------------------------------------------------------- sweeps
