@@ -1,0 +1,160 @@
+"""Sample-quality and cost metrics.
+
+One entry point for evaluation:
+
+    metrics = Metrics(cfg.metrics, cfg.dataset, device)
+    for batch in batches: metrics.update(batch)      # float images in [-1, 1], N x C x H x W
+    metrics.compute()   # {"feature", "fid", "precision", "recall", "inception_score", ...}
+
+One feature pass per batch feeds FID (torchmetrics FrechetInceptionDistance with a
+pluggable feature module, fewstep.metrics.fid.FID), improved precision/recall
+(k-NN manifolds, fewstep.metrics.precision_recall) and, when the feature network has
+logits, the Inception Score. The real side comes from cached reference statistics
+(fewstep.metrics.fid.ensure_ref_stats; computed and cached on first use, which needs
+the dataset). All accumulators are torchmetrics states, so they sync across DDP ranks
+in compute(). Cost (NFE, MACs) lives in fewstep.metrics.cost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from .cost import count_macs, macs_per_call, run_cost
+from .features import FEATURES, build_feature, inception_preprocess, quantize
+from .fid import FID, RefStats, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score, ref_stats_path
+from .precision_recall import precision_recall
+
+__all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "build_feature", "compute_ref_stats", "count_macs",
+           "ensure_ref_stats", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call",
+           "precision_recall", "quantize", "ref_stats_path", "run_cost", "check_metrics_cfg"]
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _device(device) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_metrics_cfg(cfg_metrics) -> None:
+    """One ValueError line per bad option, before any heavy work."""
+    g = cfg_metrics.get
+    if g("feature", "classifier") not in FEATURES:
+        raise ValueError(f"unknown metrics.feature '{g('feature')}' (choose from {', '.join(FEATURES)})")
+    for key, lo in (("pr_k", 1), ("pr_rows", 2), ("pr_max_fake", 2), ("is_splits", 1), ("feature_batch", 1)):
+        v = g(key)
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise ValueError(f"metrics.{key} must be an integer >= {lo}, got {v}")
+    cap = g("ref_max_images")
+    if cap is not None and (not isinstance(cap, int) or cap < 2):
+        raise ValueError(f"metrics.ref_max_images must be null (all) or an integer >= 2, got {cap}")
+    if g("pr_dtype", "float32") not in ("float32", "float16"):
+        raise ValueError(f"metrics.pr_dtype must be float32 or float16, got {g('pr_dtype')}")
+    if g("ref_split", "train") not in ("train", "test"):
+        raise ValueError(f"metrics.ref_split must be train or test, got {g('ref_split')}")
+
+
+class FeatureBank(Metric):
+    """Keeps up to `max_rows` fake feature rows (and logits) for precision/recall and IS; counts all samples.
+    The row cap applies per process (each DDP rank keeps up to max_rows)."""
+
+    full_state_update = False
+
+    def __init__(self, max_rows: int = 10000, **kwargs):
+        super().__init__(**kwargs)
+        self.max_rows = int(max_rows)
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("kept", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("seen", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, features: torch.Tensor, logits: Optional[torch.Tensor] = None) -> None:
+        room = max(0, self.max_rows - int(self.kept))
+        self.seen += len(features)
+        if room:
+            self.features.append(features[:room].float())
+            if logits is not None:
+                self.logits.append(logits[:room].float())
+            self.kept += min(room, len(features))
+
+    def compute(self):
+        feats = dim_zero_cat(self.features) if self.features else None
+        logits = dim_zero_cat(self.logits) if self.logits else None
+        return int(self.seen), feats, logits
+
+
+class Metrics:
+    """FID, precision/recall and Inception Score of generated images against cached real statistics.
+
+    cfg_metrics: conf/metrics/*.yaml (see default.yaml for every option); cfg_dataset: conf/dataset.
+    With `fid: false` it does nothing and compute() returns {}."""
+
+    def __init__(self, cfg_metrics, cfg_dataset, device="cpu"):
+        check_metrics_cfg(cfg_metrics)
+        self.cfg = cfg_metrics
+        self.device = _device(device)
+        self.enabled = bool(cfg_metrics.get("fid", False))
+        if not self.enabled:
+            return
+        g = cfg_metrics.get
+        self.k = int(g("pr_k", 3))
+        self.do_pr = bool(g("precision_recall", True))
+        self.pr_equal_sizes = bool(g("pr_equal_sizes", True))
+        self.is_splits = int(g("is_splits", 10))
+        self.extractor = build_feature(cfg_metrics, self.device)
+        self.do_is = bool(g("inception_score", True)) and self.extractor.has_logits
+        self.ref = ensure_ref_stats(cfg_metrics, cfg_dataset, self.extractor, self.device)
+        self.fid = FID(self.extractor).to(self.device)
+        if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
+            self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
+        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is) else 0   # 0: only count samples
+        self.bank = FeatureBank(keep).to(self.device)
+        self.min_samples = max(2, self.k + 1 if self.do_pr else 2, self.is_splits if self.do_is else 2)
+
+    @property
+    def feature_name(self) -> str:
+        return self.extractor.name if self.enabled else "none"
+
+    @torch.no_grad()
+    def update(self, fake: torch.Tensor) -> None:
+        """Add a batch of generated images (float, [-1, 1] -- clipped --, N x C x H x W)."""
+        if not self.enabled:
+            return
+        feats, logits = self.extractor.extract(fake.to(self.device))
+        self.fid.update(features=feats, real=False)
+        self.bank.update(feats, logits if self.do_is else None)
+
+    def reset(self) -> None:
+        """Forget the generated images (the real statistics stay)."""
+        if self.enabled:
+            self.fid.reset()
+            self.bank.reset()
+
+    @torch.no_grad()
+    def compute(self) -> dict:
+        if not self.enabled:
+            return {}
+        n_fake, feats, logits = self.bank.compute()
+        if n_fake < self.min_samples:
+            raise ValueError(f"metrics need at least {self.min_samples} generated samples "
+                             f"(FID 2, precision/recall k+1={self.k + 1}, IS splits={self.is_splits}), got {n_fake}")
+        out = {"feature": self.extractor.name, "fid": float(self.fid.compute()), "n_fake": n_fake, "n_ref": self.ref.n}
+        if self.do_pr:
+            real = torch.from_numpy(self.ref.pr_features).to(self.device)
+            m = min(len(real), len(feats)) if self.pr_equal_sizes else None
+            out["precision"], out["recall"] = precision_recall(real[:m], feats[:m], self.k)
+            out["pr_rows"] = len(real[:m])
+        if self.do_is:
+            out["inception_score"], out["inception_score_std"] = inception_score(logits, self.is_splits)
+        acc = getattr(self.extractor, "test_accuracy", None)
+        if acc is not None:
+            out["classifier_test_accuracy"] = float(acc)
+        return out

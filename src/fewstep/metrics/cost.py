@@ -1,0 +1,60 @@
+"""Compute cost of a sampling run: network evaluations (NFE) and multiply-accumulates (MACs) per sample.
+
+MACs are counted by torch.utils.flop_counter.FlopCounterMode on a batch-1 call
+(MACs = FLOPs / 2: it counts 2 FLOPs per multiply-add of matmuls, convolutions and
+attention; elementwise ops, norms and activations are not counted, as in the usual
+"MACs" of papers). A Denoiser records how many batched calls of each kind a run made
+(`model.calls`: "full", and e.g. "partial@m" for DeepCache); every batched call
+processes each sample once, so
+
+    NFE per sample  = sum_kind calls[kind]
+    MACs per sample = sum_kind calls[kind] * MACs(kind)
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@torch.no_grad()
+def count_macs(fn: Callable, *args, **kwargs) -> int:
+    """MACs of one call fn(*args, **kwargs) (FLOPs / 2 as counted by FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def macs_per_call(backbone, x_example: torch.Tensor, cache=None, t: Optional[float] = None) -> dict:
+    """kind -> MACs per sample of one backbone call: "full" = backbone(x, t) on one sample of x_example.
+
+    If `cache` (a cache strategy object) has `measure_macs(backbone, x)` returning a dict of its own
+    kinds (e.g. {"full@m": ..., "partial@m": ...}), it is merged in. `t` is the timestep used for the
+    measurement (default 0; a UNet's cost does not depend on it)."""
+    x1 = x_example[:1]
+    t1 = torch.full((1,), float(t or 0.0), dtype=torch.float32, device=x1.device)
+    macs = {"full": count_macs(backbone, x1, t1)}
+    if cache is not None and hasattr(cache, "measure_macs"):
+        extra = cache.measure_macs(backbone, x1)
+        if extra:
+            macs.update({str(k): int(v) for k, v in extra.items()})
+    return macs
+
+
+def run_cost(calls: Mapping[str, int], macs: Mapping[str, int], n_batches: int = 1) -> dict:
+    """NFE and MACs per sample of a run from its call counter (Denoiser.calls) and macs_per_call().
+
+    `calls` counts batched calls; if it was accumulated over `n_batches` sampling runs (batches), the
+    result is per sample of one run (their mean)."""
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    missing = sorted(set(k for k, v in calls.items() if v) - set(macs))
+    if missing:
+        raise ValueError(f"no MACs measured for call kinds {missing} (measured: {sorted(macs)})")
+    calls = Counter(calls)
+    total = sum(calls[k] * macs[k] for k in calls)
+    return dict(nfe=sum(calls.values()) / n_batches, macs_per_sample=total / n_batches,
+                gmacs_per_sample=total / n_batches / 1e9,
+                **{f"nfe_{k}": v / n_batches for k, v in sorted(calls.items())})

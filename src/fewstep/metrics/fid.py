@@ -1,0 +1,199 @@
+"""Frechet distance (FID), Inception Score, and cached reference statistics of the real data.
+
+FID (Heusel et al. 2017): fit a Gaussian to the features of real and of generated
+images and take the Frechet (2-Wasserstein) distance between the two Gaussians,
+
+    FID = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2}).
+
+`FID` is torchmetrics' FrechetInceptionDistance with a pluggable feature module
+(fewstep.metrics.features) plus two additions: `update(features=...)` accumulates
+features computed elsewhere (one feature pass feeds FID, precision/recall and IS),
+and `load_reference(mu, cov, n)` puts cached real statistics into its states. The
+states are torchmetrics states (sums reduced across processes), so DDP sync works;
+the reference goes into rank 0 only so that the summed states stay exact.
+
+Reference statistics (`RefStats`) are computed once per (dataset, split, feature,
+image cap) and cached as an .npz: mean (float64), covariance (upper triangle,
+float32), the image count, a capped random subset of feature rows for
+precision/recall, and a json `meta` recording dataset / split / feature / the
+digest of the feature network (a changed network makes the cache stale).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the metric
+
+class FID(FrechetInceptionDistance):
+    """torchmetrics FID over a fewstep feature module; accepts precomputed features and cached real stats."""
+
+    def __init__(self, feature: torch.nn.Module, **kwargs):
+        kwargs.setdefault("reset_real_features", False)  # cached real stats survive reset()
+        super().__init__(feature=feature, **kwargs)
+
+    def update(self, imgs: Optional[torch.Tensor] = None, real: bool = False, *,
+               features: Optional[torch.Tensor] = None) -> None:
+        """Add images ([-1, 1], N x C x H x W) or their already computed `features` (N x D) to one side."""
+        if features is None:
+            features = self.inception(imgs)
+        self.orig_dtype = torch.float64
+        features = features.double()
+        if features.dim() == 1:
+            features = features.unsqueeze(0)
+        if real:
+            self.real_features_sum += features.sum(dim=0)
+            self.real_features_cov_sum += features.t().mm(features)
+            self.real_features_num_samples += features.shape[0]
+        else:
+            self.fake_features_sum += features.sum(dim=0)
+            self.fake_features_cov_sum += features.t().mm(features)
+            self.fake_features_num_samples += features.shape[0]
+
+    def load_reference(self, mu, cov, n: int) -> None:
+        """Set the real-side states to those of n samples with mean mu and (unbiased) covariance cov:
+        sum = n mu, sum of x x^T = (n - 1) cov + n mu mu^T."""
+        mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64, device=self.real_features_sum.device)
+        cov = torch.as_tensor(np.asarray(cov), dtype=torch.float64, device=self.real_features_sum.device)
+        if mu.shape != self.real_features_sum.shape or cov.shape != self.real_features_cov_sum.shape:
+            raise ValueError(f"reference stats have dim {mu.shape[0]}, the feature network {self.real_features_sum.shape[0]}")
+        self.real_features_sum = n * mu
+        self.real_features_cov_sum = (n - 1) * cov + n * torch.outer(mu, mu)
+        self.real_features_num_samples = torch.tensor(int(n), dtype=torch.long, device=mu.device)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """The Frechet distance between N(mu1, cov1) and N(mu2, cov2) with scipy's sqrtm (pytorch-fid's formula)."""
+    import scipy.linalg
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():  # singular product: regularize as pytorch-fid does
+        offset = np.eye(len(cov1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over `splits` chunks."""
+    if len(logits) < splits:
+        raise ValueError(f"inception score needs at least splits={splits} samples, got {len(logits)}")
+    logp = torch.log_softmax(logits.double(), dim=1)
+    scores = []
+    for chunk in torch.tensor_split(logp, splits):
+        log_py = torch.logsumexp(chunk, 0) - np.log(len(chunk))     # log of the marginal p(y) on the chunk
+        kl = (chunk.exp() * (chunk - log_py)).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------- reference statistics
+
+@dataclass
+class RefStats:
+    mu: np.ndarray                  # D, float64
+    cov: np.ndarray                 # D x D, float64 (stored as a float32 upper triangle)
+    n: int                          # images behind mu / cov
+    pr_features: np.ndarray         # R x D random subset of the real feature rows (precision/recall)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path, pr_dtype: str = "float32") -> Path:
+        """Atomic write of an .npz (no pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        iu = np.triu_indices(len(self.mu))
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+        np.savez_compressed(tmp, mu=self.mu.astype(np.float64), cov_triu=self.cov[iu].astype(np.float32),
+                            n=np.int64(self.n), pr_features=self.pr_features.astype(pr_dtype),
+                            meta=np.array(json.dumps(dict(self.meta, n=int(self.n),
+                                                          pr_rows=int(len(self.pr_features))))))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "RefStats":
+        with np.load(path, allow_pickle=False) as z:
+            mu = z["mu"].astype(np.float64)
+            d = len(mu)
+            cov = np.zeros((d, d))
+            iu = np.triu_indices(d)
+            cov[iu] = z["cov_triu"]
+            cov = cov + np.triu(cov, 1).T
+            return cls(mu, cov, int(z["n"]), z["pr_features"].astype(np.float32), json.loads(str(z["meta"])))
+
+
+def ref_stats_path(cfg_metrics, cfg_dataset, feature_name: str) -> Path:
+    """<ref_stats_dir>/<dataset>-<split>-<feature>-<cap or 'all'>.npz"""
+    cap = cfg_metrics.get("ref_max_images")
+    split = cfg_metrics.get("ref_split") or "train"
+    return Path(cfg_metrics.ref_stats_dir) / f"{cfg_dataset.name}-{split}-{feature_name}-{cap or 'all'}.npz"
+
+
+@torch.no_grad()
+def compute_ref_stats(extractor, images: torch.Tensor, max_images: Optional[int] = None, pr_rows: int = 10000,
+                      batch_size: int = 250, seed: int = 0, device="cpu", meta: Optional[dict] = None) -> RefStats:
+    """Mean and covariance of extractor features over (a seeded random subset of at most `max_images` of)
+    `images`, plus the features of the first `pr_rows` images of that subset for precision/recall."""
+    n_all = len(images)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_all, generator=gen)[: max_images or n_all]
+    n, d = len(order), extractor.num_features
+    if n < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {n}")
+    s1, s2, rows = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), []
+    t0 = last = time.time()
+    for i in range(0, n, batch_size):
+        f = extractor(images[order[i:i + batch_size]].to(device)).double().cpu()
+        s1 += f.sum(0)
+        s2 += f.t() @ f
+        if sum(len(r) for r in rows) < pr_rows:
+            rows.append(f[: pr_rows - sum(len(r) for r in rows)].float())
+        done = min(i + batch_size, n)
+        if time.time() - last > 30 or done == n:
+            last = time.time()
+            log.info("ref stats %s: %d / %d images (%.1f images/s)", extractor.name, done, n, done / (last - t0))
+    mu = s1 / n
+    cov = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    meta = dict(meta or {}, feature=extractor.name, feature_ident=extractor.ident, seed=seed,
+                seconds=round(time.time() - t0, 1))
+    return RefStats(mu.numpy(), cov.numpy(), n, torch.cat(rows).numpy(), meta)
+
+
+def ensure_ref_stats(cfg_metrics, cfg_dataset, extractor, device="cpu", force: bool = False) -> RefStats:
+    """Load the cached reference statistics, or compute (needs the dataset) and cache them.
+
+    A cache made with another feature network (different weights digest) is recomputed."""
+    path = ref_stats_path(cfg_metrics, cfg_dataset, extractor.name)
+    if path.exists() and not force:
+        ref = RefStats.load(path)
+        if ref.meta.get("feature_ident") == extractor.ident:
+            return ref
+        log.warning("%s was made with another %s network (%s != %s): recomputing", path, extractor.name,
+                    ref.meta.get("feature_ident"), extractor.ident)
+    from fewstep.data import load_dataset
+
+    split = cfg_metrics.get("ref_split") or "train"
+    log.info("computing reference statistics %s (dataset %s, split %s)", path.name, cfg_dataset.name, split)
+    images = load_dataset(cfg_dataset, split)
+    if images.ndim != 4:
+        raise ValueError(f"FID needs an image dataset, {cfg_dataset.name} has samples of shape {tuple(images.shape[1:])}")
+    ref = compute_ref_stats(extractor, images, cfg_metrics.get("ref_max_images"), int(cfg_metrics.get("pr_rows", 10000)),
+                            int(cfg_metrics.get("feature_batch", 250) or 250), int(cfg_metrics.get("seed", 0)), device,
+                            meta=dict(dataset=str(cfg_dataset.name), split=split, n_available=len(images)))
+    ref.save(path, cfg_metrics.get("pr_dtype", "float32"))
+    log.info("saved %s (%d images, %d PR rows)", path, ref.n, len(ref.pr_features))
+    return ref
