@@ -86,8 +86,8 @@ class FeatureBank(Metric):
             self.kept += min(room, len(features))
 
     def compute(self):
-        feats = dim_zero_cat(self.features) if self.features else None
-        logits = dim_zero_cat(self.logits) if self.logits else None
+        feats = dim_zero_cat(self.features) if len(self.features) else None  # a list, or a tensor after a cross-process sync
+        logits = dim_zero_cat(self.logits) if len(self.logits) else None
         return int(self.seen), feats, logits
 
 

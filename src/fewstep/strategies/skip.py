@@ -27,8 +27,10 @@ Strategies (conf/skip/<name>.yaml, chosen with ``skip=<name>``):
   (stage 1 = up block 0, stage 2 = up block 1), at every decoder layer, multiply the first half
   of the channels of u by b1 / b2 and scale the low-frequency band of d by s1 / s2
   (`fourier_filter`, threshold 1). Later up blocks are untouched.
-* ``learned`` (to be added): register its builder in `_BUILDERS` below; it can reuse
-  `ScaleSkips`, which accepts a tensor of scales that requires grad and a per-step table.
+* ``learned`` the rho_i learned by ``task=tune_rho`` (fewstep.tasks.tune_rho), read from the file
+  it writes (``skip.path``, yaml or json): one factor per skip, or a per-step table rho_i(t)
+  (each sample uses the row of the timestep nearest its t). Applied by `ScaleSkips` exactly as
+  during tuning, so the samples are those of the tuned module.
 
 Every strategy takes an optional ``t_range: [t_min, t_max]`` (model discrete timesteps,
 inclusive): the hook acts only on the samples of the batch whose t lies inside it and is the
@@ -266,6 +268,97 @@ def _build_freeu(cfg, adapter) -> list:
     return [FreeU(adapter.skips, b1, b2, s1, s2, t_range, threshold)]
 
 
+# ---------------------------------------------------------------------------- learned rho
+RHO_FORMAT = "fewstep-rho/1"
+
+
+def save_learned_rho(path, rho, table_t: Optional[Sequence[float]] = None, meta: Optional[dict] = None):
+    """Write a rho file for skip=learned: rho (K,) by depth, or (S, K) rows for the S model timesteps
+    `table_t`; yaml (.yaml/.yml) or json (.json). Floats are written with repr precision, so the file
+    reads back exactly the same values. meta (model_id, sampler, ...) is stored alongside."""
+    import json
+    import os
+    from pathlib import Path
+
+    rho = torch.as_tensor(rho, dtype=torch.float32).detach().cpu()
+    if rho.ndim not in (1, 2) or (rho.ndim == 2) != (table_t is not None):
+        raise ValueError("rho must be (K,), or (S, K) with table_t giving the S timesteps")
+    path = Path(path)
+    data = dict(format=RHO_FORMAT, **(meta or {}), per_step=table_t is not None,
+                t=None if table_t is None else [float(v) for v in table_t],
+                rho=[float(v) for v in rho.tolist()] if rho.ndim == 1 else [[float(v) for v in r] for r in rho.tolist()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        import yaml
+
+        head = "# learned skip scales (task=tune_rho); use with: python run.py skip=learned skip.path=<this file>\n"
+        tmp.write_text(head + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+    os.replace(tmp, path)
+    return path
+
+
+def load_learned(path) -> dict:
+    """Read a rho file written by task=tune_rho: {"rho": (K,) list or (S, K) rows, "t": None or S timesteps,
+    "num_skips", "model_id", ...}. One-line ValueError when it is missing or malformed."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ValueError(f"skip.path={path}: no such file (write one with `python run.py task=tune_rho ...`)")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise ValueError(f"skip.path={path}: not a readable rho file ({type(e).__name__})") from None
+    if not isinstance(data, dict) or "rho" not in data:
+        raise ValueError(f"skip.path={path}: not a rho file of task=tune_rho (no 'rho' entry)")
+    rho, ts = data["rho"], data.get("t")
+    ok = isinstance(rho, list) and len(rho) > 0
+    if ok and ts is None:
+        ok = all(isinstance(v, (int, float)) for v in rho)
+    elif ok:
+        ok = isinstance(ts, list) and len(ts) == len(rho) and all(isinstance(r, list) and len(r) == len(rho[0]) for r in rho)
+    if not ok:
+        raise ValueError(f"skip.path={path}: 'rho' must be a list of K floats, or S rows of K floats with 't' "
+                         f"giving the S timesteps")
+    return data
+
+
+def _build_learned(cfg, adapter) -> list:
+    path = _get(cfg, "path", None)
+    if not path:
+        raise ValueError("skip=learned needs skip.path=<rho file written by task=tune_rho>")
+    t_range = parse_t_range(_get(cfg, "t_range", None))
+    data = load_learned(path)
+    _require_skips(adapter, "learned")
+    k = len(adapter.skips)
+    n = len(data["rho"]) if data.get("t") is None else len(data["rho"][0])
+    if n != k:
+        raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
+    saved = data.get("model_id")
+    if bool(_get(cfg, "check_model", True)) and saved:
+        from .variance import model_id
+
+        if model_id(adapter) != saved:
+            raise ValueError(f"skip.path={path} was learned for model {saved}, this backbone is {model_id(adapter)} "
+                             f"(set skip.check_model=false to use it anyway)")
+    if data.get("t") is None:
+        return [ScaleSkips([float(v) for v in data["rho"]], t_range)]
+    table = torch.tensor(data["rho"], dtype=torch.float32)
+    if bool((table < 0).any()):
+        raise ValueError(f"skip.path={path}: skip scales must be >= 0")
+    return [ScaleSkips(table, t_range, table_t=[float(v) for v in data["t"]])]
+
+
 # ---------------------------------------------------------------------------- dispatch
 # name -> builder(cfg_skip, adapter) -> list of hooks. A new strategy (e.g. `learned`) adds
 # one entry here and one conf/skip/<name>.yaml.
@@ -273,6 +366,7 @@ _BUILDERS: Dict[str, Callable] = {
     "none": lambda cfg, adapter: [],
     "linear": _build_linear,
     "freeu": _build_freeu,
+    "learned": _build_learned,
 }
 
 

@@ -1,8 +1,26 @@
 """task=evaluate: sample n_samples, measure quality and cost, write grid + metrics.json, log to W&B.
 
 Sample i always starts from (and draws its ancestral noise from) the generator seeded from (seed, i), so
-the numbers do not depend on batch_size. Wall time covers sampling only (not the metrics); NFE is counted
-by the denoiser; MACs per sample = sum over call kinds of calls x MACs of that kind (FlopCounterMode).
+the numbers do not depend on batch_size or on the number of processes. Wall time covers sampling only (not
+the metrics); NFE is counted by the denoiser; MACs per sample = sum over call kinds of calls x MACs of that
+kind (FlopCounterMode).
+
+Several processes (`trainer=ddp trainer.devices=8 trainer.num_nodes=2`, or `trainer=ddp_cpu
+trainer.devices=2` with gloo on CPU) go through `fewstep.parallel.run_parallel` (Lightning Fabric):
+
+* rank r samples the contiguous block `parallel.shard(n_samples, r, world)` of the global indices, each
+  sample from its own (seed, i) generator, so the samples are those of one process;
+* every rank feeds its samples to its own `Metrics`; `Metrics.compute()` syncs the torchmetrics states
+  (FID sums, feature rows in rank = index order), so FID, precision/recall and IS are those of one
+  process (up to the float64 summation order of the FID sums);
+* NFE, call counts and sampling time are gathered (time = the slowest rank: the parallel wall time);
+  the samples that are written (the grid; all of them with save_samples or for the GMM metrics) are
+  gathered to rank 0 in index order;
+* only global rank 0 goes on: MACs, the NLL bound (metrics=nll, computed by rank 0 alone), and it is the
+  only process that writes metrics.json, the grid and the W&B run.
+
+The single-process path (any trainer with one device and no ddp strategy) runs the same code with
+world = 1 and no process group.
 """
 from __future__ import annotations
 
@@ -15,6 +33,7 @@ import torch
 
 from ..build import build_denoiser, resolve_device, sample_shape
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8, write_json_atomic
+from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
 from ..samplers import sample
 from ..samplers.noise import SampleNoise
 
@@ -39,8 +58,9 @@ def build_metrics(cfg, device):
 
 
 def batches(n: int, bs: int, rank: int = 0, world: int = 1):
-    """Index ranges of this rank: sample indices are global, so any split gives the same samples."""
-    idx = np.arange(rank, n, world)
+    """Index batches of this rank: its contiguous block of 0..n-1 (`parallel.shard`), bs at a time.
+    Sample indices are global, so any split gives the same samples."""
+    idx = shard(n, rank, world)
     for lo in range(0, len(idx), bs):
         yield idx[lo: lo + bs]
 
@@ -82,7 +102,8 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None):
             on_batch(x)
         out.append(x)
     samples = torch.cat(out) if out else torch.empty((0,) + tuple(shape))
-    return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "time": t_sample}
+    return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "time": t_sample,
+                     "nfe_batches": nfe}
 
 
 def expected_nfe(cfg_sampler) -> int:
@@ -100,53 +121,80 @@ def print_table(metrics: dict, keys=None):
     print("-" * (width + 16))
 
 
-def run(cfg) -> dict:
-    out = output_dir()
-    mfile = out / METRICS_FILE
-    if cfg.get("resume", False) and mfile.exists():
-        print(f"[fewstep] resume: {mfile} exists, nothing to do")
-        return json.loads(mfile.read_text())
-    device = resolve_device(cfg.get("device", "auto"))
+def _combine_stats(stats: list) -> dict:
+    """Per-rank generate() stats -> one: NFE averaged over all batches, calls summed, time of the slowest rank."""
+    nfe = [v for st in stats for v in st["nfe_batches"]]
+    calls = {}
+    for st in stats:
+        for k, v in st["calls"].items():
+            calls[k] = calls.get(k, 0) + v
+    return {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls, "time": max(st["time"] for st in stats)}
+
+
+def evaluate_rank(dist: Dist, cfg):
+    """Everything but the writing, on one rank: sample this rank's shard, update and sync the metrics.
+
+    Returns (result dict, samples to write: the first grid_size, or all with save_samples / GMM) on global
+    rank 0 and None on the other ranks. With dist = SINGLE it is the plain single-process evaluation."""
+    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.get("device", "auto"))
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
     variance = build_variance_rule(cfg, model)
     metrics = build_metrics(cfg, device)
+    n_total = int(cfg.n_samples)
+    indices = shard(n_total, dist.rank, dist.world)
+    samples, st = generate(cfg, model, variance, shape, device, indices,
+                           on_batch=(lambda x: metrics.update(x)) if metrics is not None else None)
+    quality = metrics.compute() if metrics is not None else {}        # collective: states synced across ranks
+    st = _combine_stats(all_gather(st, dist))
+    gmm = cfg.dataset.name == "gmm"
+    keep = n_total if (gmm or cfg.get("save_samples", False)) else min(n_total, int(cfg.task.get("grid_size", 64)))
+    samples = gather_by_index(samples, indices, dist, keep=keep)
+    if not dist.is_global_zero:
+        return None
+    n = n_total
+    macs = cost_per_call(cfg, model, shape, device)
+    result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
+              "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
+              "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device)}
+    if dist.world > 1:
+        result["world_size"] = dist.world
+    if macs:
+        result["macs_per_sample"] = sum(c * macs.get(k, float("nan")) for k, c in st["calls"].items()) / n
+        for k, v in macs.items():
+            result[f"macs_{k.replace('@', '_')}"] = v
+    for k, c in st["calls"].items():
+        result[f"calls_{k.replace('@', '_')}"] = c / n
+    result.update(quality)
+    if cfg.metrics.name == "nll":
+        from ..metrics.nll import evaluate_nll
+
+        result.update(evaluate_nll(cfg, model, variance))
+    if gmm:
+        from ..data import build_mixture
+        from ..metrics.gmm_stats import gmm_metrics
+
+        result.update(gmm_metrics(samples, build_mixture(cfg.dataset)))
+    return result, samples
+
+
+def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor) -> dict:
+    """The grid (or GMM scatter plot), samples.npz, metrics.json (last, atomically) and the logger's run."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    if cfg.dataset.name == "gmm":
+        if samples.shape[1] == 2:
+            from ..data import build_mixture
+
+            images["samples"] = save_points_plot(samples, out / "samples.png",
+                                                 reference=build_mixture(cfg.dataset).sample(2000))
+    else:
+        images["samples"] = save_grid(samples[: int(cfg.task.get("grid_size", 64))], out / "samples.png")
+        if cfg.get("save_samples", False):
+            np.savez_compressed(out / "samples.npz", images=to_uint8(samples).numpy())
     logger = RunLogger(cfg)
     try:
-        indices = np.arange(int(cfg.n_samples))
-        samples, st = generate(cfg, model, variance, shape, device, indices,
-                               on_batch=(lambda x: metrics.update(x)) if metrics is not None else None)
-        n = len(samples)
-        macs = cost_per_call(cfg, model, shape, device)
-        result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
-                  "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
-                  "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device)}
-        if macs:
-            result["macs_per_sample"] = sum(c * macs.get(k, float("nan")) for k, c in st["calls"].items()) / n
-            for k, v in macs.items():
-                result[f"macs_{k.replace('@', '_')}"] = v
-        for k, c in st["calls"].items():
-            result[f"calls_{k.replace('@', '_')}"] = c / n
-        if metrics is not None:
-            result.update(metrics.compute())
-        if cfg.metrics.name == "nll":
-            from ..metrics.nll import evaluate_nll
-
-            result.update(evaluate_nll(cfg, model, variance))
-        images = {}
-        if cfg.dataset.name == "gmm":
-            from ..data import build_mixture
-            from ..metrics.gmm_stats import gmm_metrics
-
-            mixture = build_mixture(cfg.dataset)
-            result.update(gmm_metrics(samples, mixture))
-            if samples.shape[1] == 2:
-                images["samples"] = save_points_plot(samples, out / "samples.png", reference=mixture.sample(2000))
-        else:
-            images["samples"] = save_grid(samples[: int(cfg.task.get("grid_size", 64))], out / "samples.png")
-            if cfg.get("save_samples", False):
-                np.savez_compressed(out / "samples.npz", images=to_uint8(samples).numpy())
-        write_json_atomic(mfile, result)   # last: its presence means the run finished
+        write_json_atomic(out / METRICS_FILE, result)   # last: its presence means the run finished
         logger.log(result, images)
     finally:
         logger.finish()
@@ -154,3 +202,40 @@ def run(cfg) -> dict:
                                      "recall", "inception_score", "nll_bpd", "nll_bpd_se", "mean_err", "cov_err", "data_loglik") if k in result])
     print(f"[fewstep] results in {out}")
     return result
+
+
+def _plain(cfg):
+    """A resolved copy of the config for the spawned ranks (they have no Hydra context to resolve in)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run(cfg, out=None) -> dict:
+    """Evaluate cfg; results go to `out` (default: the Hydra output folder, else the cwd).
+
+    Returns the metrics (an empty dict in the processes of a multi-process job that are not global rank 0)."""
+    out = Path(out) if out is not None else output_dir()
+    mfile = out / METRICS_FILE
+    if cfg.get("resume", False) and mfile.exists():
+        print(f"[fewstep] resume: {mfile} exists, nothing to do")
+        return json.loads(mfile.read_text())
+    trainer = cfg.get("trainer", None)
+    if is_multiprocess(trainer):
+        from ..config import ConfigError
+        from ..parallel import validate_trainer_cfg
+
+        try:
+            validate_trainer_cfg(trainer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+        if isinstance(devices, int) and devices > 0 and int(cfg.n_samples) < devices * nodes:
+            raise ConfigError(f"n_samples must be >= the number of processes {devices * nodes} (got {cfg.n_samples})")
+        payload = run_parallel(trainer, evaluate_rank, _plain(cfg))
+        if payload is None:
+            return {}
+    else:
+        payload = evaluate_rank(SINGLE, cfg)
+    result, samples = payload
+    return write_outputs(cfg, out, result, samples)

@@ -1,0 +1,102 @@
+"""Turn sweep summaries into the markdown tables of experiments/README.md.
+
+    python experiments/report.py table   multirun/sampler_table --rows sampler_label --cols nfe --value fid
+    python experiments/report.py list    multirun/rho_sweep --keys sampler steps rho_bottom fid precision recall
+    python experiments/report.py fit_rho multirun/rho_vs_steps
+
+Every number in experiments/README.md is what one of these commands printed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def load(dirs) -> pd.DataFrame:
+    frames = []
+    for d in dirs:
+        for f in sorted(Path(d).rglob("summary.csv")):
+            df = pd.read_csv(f)
+            df["sweep"] = f.parent.name
+            frames.append(df)
+    if not frames:
+        raise SystemExit(f"no summary.csv under {' '.join(map(str, dirs))}")
+    df = pd.concat(frames, ignore_index=True)
+    ov = df.get("overrides", pd.Series([""] * len(df))).fillna("")
+
+    def override(key):
+        return ov.map(lambda s: next((o.split("=", 1)[1] for o in s.split() if o.startswith(key + "=")), None))
+
+    for key in ("skip.rho_bottom", "skip.rho_top", "sampler.order", "cache.interval", "cache.schedule",
+                "cache.branch", "sampler.var_type", "variance", "sampler.timesteps", "sampler.eta"):
+        col = key.split(".")[-1]
+        if col not in df.columns:
+            df[col] = override(key)
+    df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
+    return df
+
+
+def fmt(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if np.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(fmt(v) for v in r.values) + " |")
+    return "\n".join(lines)
+
+
+def fit_rho(df: pd.DataFrame, metric="fid"):
+    """Best rho_bottom per NFE M, then the fit rho*(M) = 1 - C / M^alpha (least squares in log space)."""
+    from scipy.optimize import curve_fit
+
+    df = df.assign(rho=df["rho_bottom"].astype(float))
+    best = df.loc[df.groupby("nfe")[metric].idxmin(), ["nfe", "rho", metric]].sort_values("nfe")
+    print(markdown(best.rename(columns={"rho": "best rho_bottom"})))
+    M, r = best["nfe"].to_numpy(float), best["rho"].to_numpy(float)
+    if np.all(r >= 1.0):
+        print("\nbest rho_bottom is 1 at every M: Skip-Tuning does not help here, no fit")
+        return
+    (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5, 0.5), maxfev=10000)
+    pred = 1 - C / M ** alpha
+    print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {C:.3f}, alpha = {alpha:.3f}, "
+          f"RMS error = {np.sqrt(np.mean((pred - r) ** 2)):.3f}, max |error| = {np.max(np.abs(pred - r)):.3f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["table", "list", "fit_rho"])
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--rows", default="sampler_label")
+    p.add_argument("--cols", default="nfe")
+    p.add_argument("--value", default="fid")
+    p.add_argument("--keys", nargs="*", default=None)
+    p.add_argument("--sort", nargs="*", default=None)
+    a = p.parse_args()
+    df = load(a.dirs)
+    if a.mode == "table":
+        t = df.pivot_table(index=a.rows, columns=a.cols, values=a.value, aggfunc="first")
+        t.columns = [f"{a.cols}={c:g}" if isinstance(c, (int, float)) else str(c) for c in t.columns]
+        print(markdown(t.reset_index()))
+    elif a.mode == "list":
+        keys = a.keys or [c for c in df.columns if c not in ("job", "overrides", "sweep")]
+        out = df[[k for k in keys if k in df.columns]]
+        if a.sort:
+            out = out.sort_values(a.sort)
+        print(markdown(out))
+    else:
+        fit_rho(df)
+
+
+if __name__ == "__main__":
+    main()
