@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install run test bench clean
+.PHONY: install data run test bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -20,12 +20,20 @@ $(STAMP): $(VPY) pyproject.toml
 	@! $(VPY) -m pip show -q torchvision 2>/dev/null || { echo "fewstep: torchvision is installed in $(VENV); it breaks torchmetrics here: pip uninstall torchvision"; exit 1; }
 	@touch $(STAMP)
 
+# Fashion-MNIST (real dataset, for training / reference statistics; the shipped model needs none):
+# the Debian package dataset-fashion-mnist, installed when missing and apt-get is usable (root).
+FMNIST := /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FMNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+	  && echo "installed dataset-fashion-mnist" || echo "note: $(FMNIST) absent (apt-get install dataset-fashion-mnist); its tests are skipped"; }
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(VPY) run.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
