@@ -3,6 +3,7 @@
     python experiments/report.py table   multirun/sampler_table --rows sampler_label --cols nfe --value fid
     python experiments/report.py list    multirun/rho_sweep --keys sampler steps rho_bottom fid precision recall
     python experiments/report.py fit_rho multirun/rho_vs_steps
+    python experiments/report.py nll     multirun/analytic_nll multirun/analytic_nll_dp
 
 Every number in experiments/README.md is what one of these commands printed.
 """
@@ -73,9 +74,24 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
           f"RMS error = {np.sqrt(np.mean((pred - r) ** 2)):.3f}, max |error| = {np.max(np.abs(pred - r)):.3f}")
 
 
+def nll_table(dirs):
+    """NLL bound rows straight from each job's metrics.json (single runs have no summary.csv)."""
+    import json
+
+    print("| sampler | variance | timesteps | K | NLL (bits/dim) | s.e. | test images |")
+    print("|---|---|---|---|---|---|---|")
+    for d in dirs:
+        for f in sorted(Path(d).glob("*/metrics.json")):
+            m = json.loads(f.read_text())
+            ov = (f.parent / ".hydra" / "overrides.yaml").read_text() if (f.parent / ".hydra" / "overrides.yaml").exists() else ""
+            traj = "analytic_dp" if "analytic_dp" in ov else "linspace"
+            var = "analytic" if m["variance"] == "analytic" else "beta (DDPM)" if "var_type=beta" in ov else "fixed"
+            print(f"| {m['sampler']} | {var} | {traj} | {m['nll_steps']} | {m['nll_bpd']:.3f} | {m['nll_bpd_se']:.3f} | {m['nll_n']} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", default="sampler_label")
     p.add_argument("--cols", default="nfe")
@@ -83,6 +99,8 @@ def main():
     p.add_argument("--keys", nargs="*", default=None)
     p.add_argument("--sort", nargs="*", default=None)
     a = p.parse_args()
+    if a.mode == "nll":
+        return nll_table(a.dirs)
     df = load(a.dirs)
     if a.mode == "table":
         t = df.pivot_table(index=a.rows, columns=a.cols, values=a.value, aggfunc="first")
