@@ -45,7 +45,7 @@ def load(dirs) -> pd.DataFrame:
 
 def fmt(v):
     if isinstance(v, (float, np.floating)):
-        return "" if np.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+        return "" if np.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e5 else f"{v:.3e}"
     return str(v)
 
 
@@ -107,6 +107,12 @@ def main():
         t.columns = [f"{a.cols}={c:g}" if isinstance(c, (int, float)) else str(c) for c in t.columns]
         print(markdown(t.reset_index()))
     elif a.mode == "list":
+        if "interval" in df.columns and df["interval"].notna().any():  # DeepCache: speedups vs interval 1
+            df["interval"] = df["interval"].astype(int)
+            grp = df.groupby(["sampler", "steps", "schedule"])
+            df["macs_x"] = grp["macs_per_sample"].transform(lambda c: c[df.loc[c.index, "interval"] == 1].mean()) / df["macs_per_sample"]
+            df["wall_x"] = grp["wall_time_s"].transform(lambda c: c[df.loc[c.index, "interval"] == 1].mean()) / df["wall_time_s"]
+            df["wall_x/macs_x"] = df["wall_x"] / df["macs_x"]
         keys = a.keys or [c for c in df.columns if c not in ("job", "overrides", "sweep")]
         out = df[[k for k in keys if k in df.columns]]
         if a.sort:
