@@ -34,6 +34,29 @@ def tiny_unet():
     return make_tiny_unet()
 
 
+# the exact Gaussian mixture (closed-form eps) shared by the sampler and Analytic-DPM tests
+@pytest.fixture(scope="module")
+def schedule():
+    from fewstep.schedule import NoiseSchedule
+
+    return NoiseSchedule.from_config("linear", 1000)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    from fewstep.backbones.gmm import GaussianMixture
+
+    return GaussianMixture(dim=2, n_components=8)
+
+
+@pytest.fixture(scope="module")
+def model(mixture, schedule):
+    from fewstep.backbones.gmm import GMMExact
+    from fewstep.denoiser import Denoiser
+
+    return Denoiser(GMMExact(mixture, schedule), schedule)
+
+
 def compose_cfg(overrides=()):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -26,21 +26,6 @@ N_POINTS = 300
 
 
 @pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.from_config("linear", 1000)
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture(dim=2, n_components=8)
-
-
-@pytest.fixture(scope="module")
-def model(mixture, schedule):
-    return Denoiser(GMMExact(mixture, schedule), schedule)
-
-
-@pytest.fixture(scope="module")
 def z():
     return torch.randn(N_POINTS, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 

@@ -22,21 +22,6 @@ from fewstep.strategies.variance import (AnalyticVariance, FixedVariance, GammaM
 from fewstep.tasks.gamma import _rank_seed, estimate_to_file
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.from_config("linear", 1000)
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture(dim=2, n_components=8)
-
-
-@pytest.fixture(scope="module")
-def model(mixture, schedule):
-    return Denoiser(GMMExact(mixture, schedule), schedule)
-
-
 def exact_gamma(mixture, schedule, t: int) -> float:
     """Gamma_t = int p_t(x) ||eps*(x)||^2 / d dx by the midpoint rule on a grid fine w.r.t. the components."""
     ab = float(schedule.alpha_bar[t])

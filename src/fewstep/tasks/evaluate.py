@@ -57,14 +57,6 @@ def build_metrics(cfg, device):
     return None
 
 
-def batches(n: int, bs: int, rank: int = 0, world: int = 1):
-    """Index batches of this rank: its contiguous block of 0..n-1 (`parallel.shard`), bs at a time.
-    Sample indices are global, so any split gives the same samples."""
-    idx = shard(n, rank, world)
-    for lo in range(0, len(idx), bs):
-        yield idx[lo: lo + bs]
-
-
 def cost_per_call(cfg, model, shape, device):
     """MACs per sample of each kind of backbone call (full / partial)."""
     try:
