@@ -2,6 +2,7 @@
 
     python experiments/report.py table   multirun/sampler_table --rows sampler_label --cols nfe --value fid
     python experiments/report.py list    multirun/rho_sweep --keys sampler steps rho_bottom fid precision recall
+    python experiments/report.py table   multirun/spacing_dpmpp --rows timesteps endpoint --where timesteps=logsnr
     python experiments/report.py fit_rho multirun/rho_vs_steps
     python experiments/report.py nll     multirun/analytic_nll multirun/analytic_nll_dp
 
@@ -32,13 +33,16 @@ def load(dirs) -> pd.DataFrame:
     ov = df.get("overrides", pd.Series([""] * len(df))).fillna("")
 
     def override(key):
-        return ov.map(lambda s: next((o.split("=", 1)[1] for o in s.split() if o.startswith(key + "=")), None))
+        return ov.map(lambda s: next((o.split("=", 1)[1] for o in s.split() if o.lstrip("+").startswith(key + "=")), None))
 
     for key in ("skip.rho_bottom", "skip.rho_top", "sampler.order", "cache.interval", "cache.schedule",
-                "cache.branch", "sampler.var_type", "variance", "sampler.timesteps", "sampler.eta"):
+                "cache.branch", "sampler.var_type", "variance", "sampler.timesteps", "sampler.eta", "sampler.endpoint",
+                "skip.name"):
         col = key.split(".")[-1]
         if col not in df.columns:
             df[col] = override(key)
+        else:                                   # older summaries lack the column: fill from their overrides
+            df[col] = df[col].where(df[col].notna(), override(key))
     df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
     return df
 
@@ -93,17 +97,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["table", "list", "fit_rho", "nll"])
     p.add_argument("dirs", nargs="+")
-    p.add_argument("--rows", default="sampler_label")
+    p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", default="nfe")
     p.add_argument("--value", default="fid")
     p.add_argument("--keys", nargs="*", default=None)
     p.add_argument("--sort", nargs="*", default=None)
+    p.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keep rows whose column KEY prints as VALUE (e.g. timesteps=linspace endpoint=True)")
     a = p.parse_args()
     if a.mode == "nll":
         return nll_table(a.dirs)
     df = load(a.dirs)
+    for cond in a.where:
+        key, _, value = cond.partition("=")
+        if key not in df.columns:
+            raise SystemExit(f"--where {cond}: no column '{key}' (columns: {', '.join(map(str, df.columns))})")
+        df = df[df[key].map(lambda v: fmt(v) if isinstance(v, float) else str(v)) == value]
     if a.mode == "table":
-        t = df.pivot_table(index=a.rows, columns=a.cols, values=a.value, aggfunc="first")
+        t = df.pivot_table(index=a.rows if len(a.rows) > 1 else a.rows[0], columns=a.cols, values=a.value, aggfunc="first")
         t.columns = [f"{a.cols}={c:g}" if isinstance(c, (int, float)) else str(c) for c in t.columns]
         print(markdown(t.reset_index()))
     elif a.mode == "list":

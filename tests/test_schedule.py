@@ -47,6 +47,31 @@ def test_logsnr_is_uniform_in_lambda():
     np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("steps", [1, 5, 10, 25])
+def test_linspace_without_endpoint_matches_dpmsolver(steps):
+    """endpoint=False is DPMSolverMultistepScheduler's linspace: steps + 1 points, the clean end dropped."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    d = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
+    d.set_timesteps(steps)
+    ours = select_timesteps(NoiseSchedule.from_config("linear"), steps, "linspace", endpoint=False)
+    np.testing.assert_array_equal(ours.astype(int), d.timesteps.numpy())
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "quadratic", "logsnr", "karras"])
+def test_endpoint_false_is_the_grid_of_one_more_step_without_its_clean_end(spacing):
+    s = NoiseSchedule.from_config("linear")
+    with_end = select_timesteps(s, 7, spacing)
+    without = select_timesteps(s, 6, spacing, endpoint=False)
+    assert with_end[-1] == pytest.approx(0) and without[-1] > 0
+    np.testing.assert_allclose(without, with_end[:-1])
+    lam = -s.log_sigma_at(select_timesteps(s, 6, "logsnr", endpoint=False))
+    lam_end = -s.log_sigma_at(0.0)   # the dropped point continues the uniform lambda grid
+    np.testing.assert_allclose(np.diff(np.append(lam, lam_end)), (lam_end - lam[0]) / 6, rtol=1e-6)
+    for own in ("leading", "trailing"):  # these define their own end
+        np.testing.assert_array_equal(select_timesteps(s, 6, own, endpoint=False), select_timesteps(s, 6, own))
+
+
 def test_karras_sigmas():
     s = NoiseSchedule.from_config("linear")
     ts = select_timesteps(s, 8, "karras")

@@ -108,7 +108,7 @@ class NoiseSchedule:
 
 
 def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "linspace",
-                     offset: int = 0, rho: float = 7.0) -> np.ndarray:
+                     offset: int = 0, rho: float = 7.0, endpoint: bool = True) -> np.ndarray:
     """Choose `steps` sampling timesteps, returned in decreasing order (float64).
 
     leading   (DDIM paper / diffusers default for DDIM): t = arange(steps) * (N // steps) + offset
@@ -119,32 +119,44 @@ def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "linspa
               and lambda(0); fractional timesteps
     karras    (EDM, Karras et al. 2022 eq. 5): sigma_i = (smax^(1/rho) + i/(M-1) (smin^(1/rho)
               - smax^(1/rho)))^rho with rho = 7; fractional timesteps
+
+    endpoint (linspace, quadratic, logsnr, karras): True puts the last of the `steps` evaluations at the
+    clean end of the grid (t = 0, or sigma_min for karras), as the DDIM and EDM papers do. False lays
+    out steps + 1 grid points and drops the clean end, as DPM-Solver does (M steps between M + 1
+    points, the model is never evaluated at the last one) and as diffusers' DPMSolverMultistepScheduler
+    does with linspace; the sampler's final update then jumps from the lowest evaluated t to sigma = 0.
+    At few steps this matters: with logsnr and endpoint=True the last evaluation sits at sigma ~ 0.01,
+    where x is already clean, so one of the M evaluations is nearly wasted.
+    leading and trailing define their own end (t = offset, resp. t = N/steps - 1) and ignore it.
     """
     N = schedule.N
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
     if steps > N:
         raise ValueError(f"steps must be <= N = {N} (got {steps})")
+    M = steps if endpoint else steps + 1         # grid points; without the endpoint the clean end is dropped
     if spacing == "leading":
         ts = np.arange(steps) * (N // steps) + offset
     elif spacing == "trailing":
         ts = np.round(np.arange(N, 0, -N / steps)) - 1
     elif spacing == "linspace":
-        ts = np.round(np.linspace(0, N - 1, steps))
+        ts = np.round(np.linspace(0, N - 1, M))
     elif spacing == "quadratic":
-        ts = np.round(np.linspace(0, math.sqrt(N * 0.8), steps) ** 2)
+        ts = np.round(np.linspace(0, math.sqrt(N * 0.8), M) ** 2)
     elif spacing == "logsnr":
-        lam = np.linspace(schedule.lambdas[-1], schedule.lambdas[0], steps)
-        ts = schedule.sigma_to_t(np.exp(-lam)) if steps > 1 else np.array([N - 1.0])
+        lam = np.linspace(schedule.lambdas[-1], schedule.lambdas[0], M)
+        ts = schedule.sigma_to_t(np.exp(-lam)) if M > 1 else np.array([N - 1.0])
     elif spacing == "karras":
-        if steps == 1:
+        if M == 1:
             ts = np.array([N - 1.0])
         else:
-            ramp = np.linspace(0, 1, steps)
+            ramp = np.linspace(0, 1, M)
             smin, smax = schedule.sigma_min, schedule.sigma_max
             sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
             ts = schedule.sigma_to_t(sig)
     else:
         raise ValueError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS)})")
-    ts = np.clip(np.asarray(ts, dtype=np.float64), 0, N - 1)
-    return np.sort(ts)[::-1].copy()
+    ts = np.sort(np.clip(np.asarray(ts, dtype=np.float64), 0, N - 1))[::-1]
+    if not endpoint and spacing not in ("leading", "trailing"):
+        ts = ts[:steps]                          # drop the clean end of the steps + 1 grid
+    return ts.copy()

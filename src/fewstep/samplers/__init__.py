@@ -25,7 +25,7 @@ from .dpmpp import sample_dpmpp
 from .edm import edm_sigmas, sample_euler, sample_heun
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun", "diffusers")
-DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp": "logsnr", "euler": "karras", "heun": "karras"}
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp": "linspace", "euler": "karras", "heun": "karras"}
 ANALYTIC_DP = "analytic_dp"  # timesteps chosen by the Analytic-DPM dynamic programme of the variance rule
 
 __all__ = ["SAMPLERS", "sample", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
@@ -60,6 +60,11 @@ def validate_sampler_cfg(cfg) -> None:
     spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[name]
     if spacing not in SPACINGS + (ANALYTIC_DP,):
         raise ValueError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS + (ANALYTIC_DP,))})")
+    endpoint = cfg.get("endpoint", True)
+    if not isinstance(endpoint, bool):
+        raise ValueError(f"sampler.endpoint must be true or false (got {endpoint!r})")
+    if not endpoint and spacing == ANALYTIC_DP:
+        raise ValueError("sampler.endpoint=false does not apply to timesteps=analytic_dp (the trajectory is optimised as a whole)")
     if name == "ddim" and not float(cfg.get("eta", 0.0)) >= 0:
         raise ValueError(f"sampler.eta must be >= 0 (got {cfg.get('eta')})")
     if name == "ddpm" and cfg.get("var_type", "beta_tilde") not in VAR_TYPES:
@@ -78,7 +83,7 @@ def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:
                              "which provides dp_timesteps(steps)")
         ts = np.asarray(variance.dp_timesteps(int(cfg.get("steps"))), dtype=np.float64)
         return np.sort(ts[ts >= 0])[::-1].copy()  # the jump to data (t = -1) is implicit
-    return select_timesteps(schedule, int(cfg.get("steps")), spacing)
+    return select_timesteps(schedule, int(cfg.get("steps")), spacing, endpoint=bool(cfg.get("endpoint", True)))
 
 
 def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None) -> torch.Tensor:

@@ -14,8 +14,11 @@ update is exactly x = D (the model's x0 prediction): diffusers' final_sigmas_typ
 Order schedule (replicates diffusers' DPMSolverMultistepScheduler.step): step 0 is first order
 (warm-up: no history), step 1 at most second order; the final step (to sigma = 0) is always first
 order; with lower_order_final and fewer than 15 steps the second-to-last step is at most second order.
-When to use: order 2 for guided sampling, order 3 for unconditional models; logsnr spacing at
-low resolution; keep lower_order_final on below ~15 steps (it stabilises them).
+When to use: order 2 for guided sampling, order 3 for unconditional models; keep lower_order_final on
+below ~15 steps (it stabilises them). Time grid: the DPM-Solver paper recommends uniform log-SNR at low
+resolution (timesteps=logsnr with endpoint=false is its grid: M steps between M + 1 points, no evaluation
+at the clean end). On the shipped 28 x 28 model linspace with the t = 0 evaluation is better at 5-20 NFE
+(experiments/README.md), so it is the default; compare grids on your model before trusting either.
 """
 from __future__ import annotations
 

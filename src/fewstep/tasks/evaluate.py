@@ -34,7 +34,7 @@ import torch
 from ..build import build_denoiser, resolve_device, sample_shape
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8, write_json_atomic
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
-from ..samplers import sample
+from ..samplers import DEFAULT_SPACING, sample
 from ..samplers.noise import SampleNoise
 
 
@@ -149,6 +149,9 @@ def evaluate_rank(dist: Dist, cfg):
     result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
               "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
               "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device)}
+    if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
+        result["timesteps"] = cfg.sampler.get("timesteps", None) or DEFAULT_SPACING[cfg.sampler.name]
+        result["endpoint"] = bool(cfg.sampler.get("endpoint", True))
     if dist.world > 1:
         result["world_size"] = dist.world
     if macs:

@@ -1,0 +1,76 @@
+"""experiments/report.py: the tables of experiments/README.md come from sweep summaries through it."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_sweep(path: Path, rows):
+    path.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path / "summary.csv", index=False)
+
+
+def run(report, capsys, *argv):
+    old = sys.argv
+    sys.argv = ["report.py", *argv]
+    try:
+        report.main()
+    finally:
+        sys.argv = old
+    return capsys.readouterr().out
+
+
+def test_table_where_and_override_columns(report, tmp_path, capsys):
+    # an older sweep without the timesteps column (read from its overrides) and a newer one with it
+    write_sweep(tmp_path / "old", [
+        dict(job="0", overrides="sampler=dpmpp sampler.steps=5", sampler="dpmpp", nfe=5, fid=351.3),
+        dict(job="1", overrides="sampler=dpmpp sampler.timesteps=linspace sampler.steps=5", sampler="dpmpp", nfe=5, fid=61.0)])
+    write_sweep(tmp_path / "new", [
+        dict(job="0", overrides="+sampler.endpoint=False sampler.timesteps=logsnr", sampler="dpmpp", nfe=10, fid=52.4,
+             timesteps="logsnr", endpoint=False),
+        dict(job="1", overrides="sampler.steps=10", sampler="dpmpp", nfe=10, fid=47.9, timesteps="linspace", endpoint=True)])
+    out = run(report, capsys, "table", str(tmp_path / "old"), str(tmp_path / "new"), "--rows", "timesteps",
+              "--where", "timesteps=linspace")
+    lines = out.strip().splitlines()
+    assert lines[0] == "| timesteps | nfe=5 | nfe=10 |"
+    assert lines[2] == "| linspace | 61 | 47.9 |"
+    assert len(lines) == 3                                    # the logsnr rows are filtered out
+    out = run(report, capsys, "list", str(tmp_path / "new"), "--keys", "timesteps", "endpoint", "fid",
+              "--where", "endpoint=False")
+    assert "| logsnr | False | 52.4 |" in out and "linspace" not in out
+    with pytest.raises(SystemExit, match="no column 'bogus'"):
+        run(report, capsys, "list", str(tmp_path / "new"), "--where", "bogus=1")
+
+
+def test_fit_rho_recovers_a_known_law(report, capsys):
+    C, alpha = 0.6, 0.8
+    rows = []
+    for M in (5, 10, 20, 50):
+        best = 1 - C / M ** alpha
+        for rho in np.round(np.arange(0.5, 1.0001, 0.001), 3):
+            rows.append(dict(nfe=M, rho_bottom=rho, fid=(rho - best) ** 2))
+    report.fit_rho(pd.DataFrame(rows))
+    out = capsys.readouterr().out
+    fit = out.strip().splitlines()[-1]
+    got = dict(kv.split(" = ") for kv in fit.split(": ", 1)[1].split(", "))
+    assert float(got["C"]) == pytest.approx(C, abs=0.01) and float(got["alpha"]) == pytest.approx(alpha, abs=0.01)
+    assert float(got["RMS error"]) < 1e-3
+
+
+def test_fit_rho_says_when_rho_1_is_best(report, capsys):
+    rows = [dict(nfe=M, rho_bottom=r, fid=(1 - r) + 1) for M in (5, 10) for r in (0.8, 0.9, 1.0)]
+    report.fit_rho(pd.DataFrame(rows))
+    assert "best rho_bottom is 1 at every M" in capsys.readouterr().out
