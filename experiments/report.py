@@ -20,12 +20,30 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
+def single_runs(d: Path) -> pd.DataFrame | None:
+    """Rows of the single runs (no sweep summary) in d/*/ or d itself: metrics.json + .hydra/overrides.yaml."""
+    import json
+
+    import yaml
+
+    rows = []
+    for f in sorted([*Path(d).glob("*/metrics.json"), *Path(d).glob("metrics.json")]):
+        ov = f.parent / ".hydra" / "overrides.yaml"
+        rows.append({"job": f.parent.name, "overrides": " ".join(yaml.safe_load(ov.read_text()) or []) if ov.exists() else "",
+                     **json.loads(f.read_text())})
+    return pd.DataFrame(rows) if rows else None
+
+
 def load(dirs) -> pd.DataFrame:
     frames = []
     for d in dirs:
-        for f in sorted(Path(d).rglob("summary.csv")):
+        found = sorted(Path(d).rglob("summary.csv"))
+        for f in found:
             df = pd.read_csv(f)
             df["sweep"] = f.parent.name
+            frames.append(df)
+        if not found and (df := single_runs(Path(d))) is not None:
+            df["sweep"] = Path(d).name
             frames.append(df)
     if not frames:
         raise SystemExit(f"no summary.csv under {' '.join(map(str, dirs))}")
@@ -43,7 +61,8 @@ def load(dirs) -> pd.DataFrame:
             df[col] = override(key)
         else:                                   # older summaries lack the column: fill from their overrides
             df[col] = df[col].where(df[col].notna(), override(key))
-    df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
+    if "sampler" in df.columns:
+        df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
     return df
 
 

@@ -74,3 +74,14 @@ def test_fit_rho_says_when_rho_1_is_best(report, capsys):
     rows = [dict(nfe=M, rho_bottom=r, fid=(1 - r) + 1) for M in (5, 10) for r in (0.8, 0.9, 1.0)]
     report.fit_rho(pd.DataFrame(rows))
     assert "best rho_bottom is 1 at every M" in capsys.readouterr().out
+
+
+def test_single_runs_without_a_summary(report, tmp_path, capsys):
+    import json
+
+    for job, rho, fid in (("0_rho1", None, 48.0), ("1_learned", "skip=learned", 45.5)):
+        (tmp_path / "runs" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "runs" / job / "metrics.json").write_text(json.dumps({"skip": "learned" if rho else "linear", "fid": fid}))
+        (tmp_path / "runs" / job / ".hydra" / "overrides.yaml").write_text(f"- sampler=dpmpp\n- {rho or 'skip=linear'}\n")
+    out = run(report, capsys, "list", str(tmp_path / "runs"), "--keys", "job", "skip", "fid")
+    assert "| 0_rho1 | linear | 48 |" in out and "| 1_learned | learned | 45.5 |" in out
