@@ -34,6 +34,14 @@ def single_runs(d: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def job_sampler_cfg(job_dir) -> dict:
+    """The resolved sampler node of a job (its .hydra/config.yaml), {} if it has none."""
+    import yaml
+
+    f = Path(str(job_dir)) / ".hydra" / "config.yaml"
+    return (yaml.safe_load(f.read_text()) or {}).get("sampler", {}) if f.exists() else {}
+
+
 def load(dirs) -> pd.DataFrame:
     frames = []
     for d in dirs:
@@ -41,8 +49,10 @@ def load(dirs) -> pd.DataFrame:
         for f in found:
             df = pd.read_csv(f)
             df["sweep"] = f.parent.name
+            df["job_dir"] = [str(f.parent / str(j)) for j in df["job"]]
             frames.append(df)
         if not found and (df := single_runs(Path(d))) is not None:
+            df["job_dir"] = [str(Path(d) / j) if (Path(d) / j).is_dir() else str(d) for j in df["job"]]
             df["sweep"] = Path(d).name
             frames.append(df)
     if not frames:
@@ -61,6 +71,11 @@ def load(dirs) -> pd.DataFrame:
             df[col] = override(key)
         else:                                   # older summaries lack the column: fill from their overrides
             df[col] = df[col].where(df[col].notna(), override(key))
+    # the time grid of runs made before metrics recorded it: from the job's resolved config
+    for col, default in (("timesteps", None), ("endpoint", True)):
+        df[col] = [v if not pd.isna(v) else job_sampler_cfg(j).get(col, default)
+                   for v, j in zip(df[col].astype(object), df["job_dir"])]
+    df["endpoint"] = [v == "True" if isinstance(v, str) else v for v in df["endpoint"]]
     if "sampler" in df.columns:
         df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
     return df

@@ -42,6 +42,10 @@ def test_table_where_and_override_columns(report, tmp_path, capsys):
         dict(job="0", overrides="+sampler.endpoint=False sampler.timesteps=logsnr", sampler="dpmpp", nfe=10, fid=52.4,
              timesteps="logsnr", endpoint=False),
         dict(job="1", overrides="sampler.steps=10", sampler="dpmpp", nfe=10, fid=47.9, timesteps="linspace", endpoint=True)])
+    (tmp_path / "old" / "0" / ".hydra").mkdir(parents=True)   # its grid then: from the job's resolved config
+    (tmp_path / "old" / "0" / ".hydra" / "config.yaml").write_text("sampler:\n  name: dpmpp\n  timesteps: logsnr\n")
+    out = run(report, capsys, "table", str(tmp_path / "old"), "--rows", "timesteps", "endpoint")
+    assert "| linspace | True | 61 |" in out and "| logsnr | True | 351.3 |" in out
     out = run(report, capsys, "table", str(tmp_path / "old"), str(tmp_path / "new"), "--rows", "timesteps",
               "--where", "timesteps=linspace")
     lines = out.strip().splitlines()
