@@ -89,3 +89,25 @@ def test_single_runs_without_a_summary(report, tmp_path, capsys):
         (tmp_path / "runs" / job / ".hydra" / "overrides.yaml").write_text(f"- sampler=dpmpp\n- {rho or 'skip=linear'}\n")
     out = run(report, capsys, "list", str(tmp_path / "runs"), "--keys", "job", "skip", "fid")
     assert "| 0_rho1 | linear | 48 |" in out and "| 1_learned | learned | 45.5 |" in out
+
+
+def test_nll_steps_to_match_the_full_bound(report, tmp_path, capsys):
+    import json
+
+    def job(sweep, i, K, bpd, var_overrides):
+        d = tmp_path / sweep / f"{i}_K{K}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in var_overrides) + "\n")
+        variance = "analytic" if "variance=analytic" in var_overrides else "fixed"
+        (d / "metrics.json").write_text(json.dumps(dict(sampler="ddpm", variance=variance, nll_steps=K, nll_bpd=bpd,
+                                                        nll_bpd_se=0.05, nll_n=100)))
+
+    for i, (K, bpd) in enumerate([(10, 6.7), (1000, 3.9)]):
+        job("ddpm", i, K, bpd, ["sampler.var_type=beta", "variance=fixed"])
+    for i, (K, bpd) in enumerate([(10, 5.5), (50, 4.0), (100, 3.85), (200, 3.7)]):
+        job("analytic", i, K, bpd, ["sampler.var_type=beta", "variance=analytic"])
+    job("dp", 0, 10, 4.3, ["variance=analytic", "sampler.timesteps=analytic_dp"])
+    out = run(report, capsys, "nll", str(tmp_path / "ddpm"), str(tmp_path / "analytic"), str(tmp_path / "dp"))
+    assert "DDPM (beta) at K = 1000: 3.900 bits/dim (100 images)" in out
+    assert "Analytic-DDPM, linspace steps: K = 100 reaches it (3.850), 10x fewer steps" in out
+    assert "Analytic-DDPM, analytic_dp steps: no K up to 10 reaches it (best 4.300)" in out
