@@ -5,6 +5,7 @@
     python experiments/report.py table   multirun/spacing_dpmpp --rows timesteps endpoint --where timesteps=logsnr
     python experiments/report.py fit_rho multirun/rho_vs_steps
     python experiments/report.py nll     multirun/analytic_nll multirun/analytic_nll_dp
+    python experiments/report.py plot    multirun/rho_sweep_* --x rho_bottom --y fid --hue sampler nfe --out experiments/figures/rho_sweep.png
 
 Every number in experiments/README.md is what one of these commands printed.
 """
@@ -140,15 +141,46 @@ def nll_table(dirs):
                       if hit else f"no K up to {cand[-1][2]} reaches it (best {min(r[3] for r in cand):.3f})"))
 
 
+def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
+    """One line of y against x per value of the hue columns, written to out (png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    groups = df.groupby(hue) if hue else [("", df)]
+    for key, g in groups:
+        g = g.assign(_x=g[x].astype(float)).sort_values("_x")
+        label = ", ".join(f"{h}={k}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
+        ax.plot(g["_x"], g[y].astype(float), "o-", ms=3, label=label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if logx:
+        ax.set_xscale("log")
+    if hue:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", default="nfe")
     p.add_argument("--value", default="fid")
     p.add_argument("--keys", nargs="*", default=None)
     p.add_argument("--sort", nargs="*", default=None)
+    p.add_argument("--x", default="rho_bottom", help="plot: x column")
+    p.add_argument("--y", default="fid", help="plot: y column")
+    p.add_argument("--hue", nargs="*", default=[], help="plot: one line per value of these columns")
+    p.add_argument("--logx", action="store_true")
+    p.add_argument("--out", default=None, help="plot: the png to write")
     p.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keep rows whose column KEY prints as VALUE (e.g. timesteps=linspace endpoint=True)")
     a = p.parse_args()
@@ -176,6 +208,10 @@ def main():
         if a.sort:
             out = out.sort_values(a.sort)
         print(markdown(out))
+    elif a.mode == "plot":
+        if not a.out:
+            raise SystemExit("plot needs --out <file.png>")
+        plot(df, a.x, a.y, a.hue, a.out, a.logx)
     else:
         fit_rho(df)
 

@@ -111,3 +111,13 @@ def test_nll_steps_to_match_the_full_bound(report, tmp_path, capsys):
     assert "DDPM (beta) at K = 1000: 3.900 bits/dim (100 images)" in out
     assert "Analytic-DDPM, linspace steps: K = 100 reaches it (3.850), 10x fewer steps" in out
     assert "Analytic-DDPM, analytic_dp steps: no K up to 10 reaches it (best 4.300)" in out
+
+
+def test_plot_writes_a_png(report, tmp_path, capsys):
+    write_sweep(tmp_path / "s", [dict(job=str(i), overrides=f"skip.rho_bottom={r}", sampler="dpmpp", nfe=n, fid=50 + 10 * (1 - r))
+                                 for i, (r, n) in enumerate([(0.8, 10), (1.0, 10), (0.8, 20), (1.0, 20)])])
+    out = tmp_path / "fig" / "rho.png"
+    assert f"wrote {out}" in run(report, capsys, "plot", str(tmp_path / "s"), "--hue", "sampler", "nfe", "--out", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--out"):
+        run(report, capsys, "plot", str(tmp_path / "s"))
