@@ -172,7 +172,7 @@ def main():
     p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
-    p.add_argument("--cols", default="nfe")
+    p.add_argument("--cols", nargs="+", default=["nfe"])
     p.add_argument("--value", default="fid")
     p.add_argument("--keys", nargs="*", default=None)
     p.add_argument("--sort", nargs="*", default=None)
@@ -193,8 +193,14 @@ def main():
             raise SystemExit(f"--where {cond}: no column '{key}' (columns: {', '.join(map(str, df.columns))})")
         df = df[df[key].map(lambda v: fmt(v) if isinstance(v, float) else str(v)) == value]
     if a.mode == "table":
-        t = df.pivot_table(index=a.rows if len(a.rows) > 1 else a.rows[0], columns=a.cols, values=a.value, aggfunc="first")
-        t.columns = [f"{a.cols}={c:g}" if isinstance(c, (int, float)) else str(c) for c in t.columns]
+        t = df.pivot_table(index=a.rows if len(a.rows) > 1 else a.rows[0], columns=a.cols if len(a.cols) > 1 else a.cols[0],
+                           values=a.value, aggfunc="first")
+
+        def label(c):
+            parts = c if isinstance(c, tuple) else (c,)
+            return " ".join(f"{n}={v:g}" if isinstance(v, (int, float, np.number)) else str(v) for n, v in zip(a.cols, parts))
+
+        t.columns = [label(c) for c in t.columns]
         print(markdown(t.reset_index()))
     elif a.mode == "list":
         if "interval" in df.columns and df["interval"].notna().any():  # DeepCache: speedups vs interval 1
