@@ -125,3 +125,21 @@ def test_skip_learned_refuses_bad_files(tmp_path):
         learned_model(other)
     cfg, model = learned_model(other, "skip.check_model=false")
     assert model.backbone.skip_hooks[0].scales == [0.8999999761581421] * 4   # float32 0.9, exactly
+
+
+def test_shipped_rho_file_loads_on_the_shipped_model():
+    """checkpoints/fashion_mnist/rho_dpmpp10.yaml: one scale per skip of the shipped UNet, keyed to its model id."""
+    from fewstep.build import build_denoiser
+    from fewstep.strategies.skip import load_learned
+
+    from pathlib import Path
+
+    path = str(Path(__file__).resolve().parents[1] / "checkpoints/fashion_mnist/rho_dpmpp10.yaml")
+    data = load_learned(path)
+    cfg = compose_cfg(["skip=learned", f"skip.path={path}", "logger=none"])
+    model = build_denoiser(cfg, torch.device("cpu"))
+    (hook,) = model.backbone.skip_hooks
+    assert len(hook.scales) == data["num_skips"] == 9
+    assert hook.scales == data["rho"] and all(0 < r < data["rho_max"] for r in hook.scales)
+    assert data["sampler"] == {"name": "dpmpp", "steps": 10, "order": 2, "lower_order_final": True,
+                               "timesteps": "linspace", "endpoint": True}
