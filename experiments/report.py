@@ -104,10 +104,19 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
     best = df.loc[df.groupby("nfe")[metric].idxmin(), ["nfe", "rho", metric]].sort_values("nfe")
     print(markdown(best.rename(columns={"rho": "best rho_bottom"})))
     M, r = best["nfe"].to_numpy(float), best["rho"].to_numpy(float)
-    if np.all(r >= 1.0):
+    below = [(int(m), v) for m, v in zip(M, r) if v < 1.0]
+    if not below:
         print("\nbest rho_bottom is 1 at every M: Skip-Tuning does not help here, no fit")
         return
-    (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5, 0.5), maxfev=10000)
+    if len(below) < 2:   # 1 - C / M^alpha through one point below 1 and the rest at 1: alpha -> infinity
+        print(f"\nbest rho_bottom < 1 only at M = {below[0][0]} ({below[0][1]:g}), 1 elsewhere: the two-parameter "
+              f"fit needs rho* < 1 at two M at least, no fit")
+        return
+    try:
+        (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5, 0.5), maxfev=10000)
+    except RuntimeError as e:
+        print(f"\nthe fit rho*(M) = 1 - C / M^alpha did not converge ({e})")
+        return
     pred = 1 - C / M ** alpha
     print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {C:.3f}, alpha = {alpha:.3f}, "
           f"RMS error = {np.sqrt(np.mean((pred - r) ** 2)):.3f}, max |error| = {np.max(np.abs(pred - r)):.3f}")

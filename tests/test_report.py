@@ -80,6 +80,13 @@ def test_fit_rho_says_when_rho_1_is_best(report, capsys):
     assert "best rho_bottom is 1 at every M" in capsys.readouterr().out
 
 
+def test_fit_rho_refuses_a_fit_through_one_point_below_1(report, capsys):
+    rows = [dict(nfe=M, rho_bottom=r, fid=abs(r - (0.9 if M == 5 else 1.0))) for M in (5, 10, 20) for r in (0.8, 0.9, 1.0)]
+    report.fit_rho(pd.DataFrame(rows))
+    out = capsys.readouterr().out
+    assert "best rho_bottom < 1 only at M = 5 (0.9)" in out and "no fit" in out and "C =" not in out
+
+
 def test_single_runs_without_a_summary(report, tmp_path, capsys):
     import json
 
