@@ -84,9 +84,11 @@ def load(dirs) -> pd.DataFrame:
 
 def fmt(v):
     if isinstance(v, (float, np.floating)):
-        if not np.isnan(v) and float(v).is_integer() and abs(v) < 1e5:
+        if np.isnan(v):
+            return ""
+        if float(v).is_integer() and abs(v) < 1e5:
             return str(int(v))                    # counts (nfe, calls) read from a column with gaps
-        return "" if np.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e5 else f"{v:.3e}"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e5 else f"{v:.3e}"
     return str(v)
 
 

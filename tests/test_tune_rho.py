@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, compose_cfg
+from conftest import REPO, TINY_OVERRIDES, compose_cfg
 
 TUNE = TINY_OVERRIDES + ["task=tune_rho", "sampler=dpmpp", "sampler.steps=3", "task.teacher_steps=10",
                          "task.n_train=8", "task.n_val=4", "task.batch_size=8", "task.max_steps=8", "task.lr=0.1",
@@ -132,9 +132,7 @@ def test_shipped_rho_file_loads_on_the_shipped_model():
     from fewstep.build import build_denoiser
     from fewstep.strategies.skip import load_learned
 
-    from pathlib import Path
-
-    path = str(Path(__file__).resolve().parents[1] / "checkpoints/fashion_mnist/rho_dpmpp10.yaml")
+    path = str(REPO / "checkpoints/fashion_mnist/rho_dpmpp10.yaml")
     data = load_learned(path)
     cfg = compose_cfg(["skip=learned", f"skip.path={path}", "logger=none"])
     model = build_denoiser(cfg, torch.device("cpu"))
