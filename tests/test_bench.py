@@ -1,0 +1,64 @@
+"""The benchmarks run end to end at tiny sizes and write what they measured (no timing is asserted)."""
+import json
+
+import pytest
+
+from fewstep.bench import deepcache, samplers
+
+
+@pytest.fixture(scope="module")
+def deepcache_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = deepcache.main(out_dir=str(out), models=["fashion_mnist"], modes=["eager"], intervals=[2],
+                             branches=[1], sizes={"fashion_mnist": (1, 4)}, repeats=1, rounds=1, device="cpu")
+    return out, results[0]
+
+
+def test_deepcache_bench_counts_calls_and_macs(deepcache_run):
+    _, res = deepcache_run
+    base, cached = res["modes"]["eager"]["rows"]
+    # N = 1 is added as the baseline even when not asked for; 4 steps at N = 2: full calls at steps 0, 2
+    assert (base["interval"], base["full"], base["partial"]) == (1, 4, 0)
+    assert (cached["interval"], cached["branch"], cached["full"], cached["partial"]) == (2, 1, 2, 2)
+    full, part = res["macs"]["full"], res["macs"]["partial@1"]
+    assert 0 < part < full
+    assert cached["macs_speedup"] == pytest.approx(4 * full / (2 * full + 2 * part), rel=1e-12)
+    assert base["rel_dev"] == 0 and cached["rel_dev"] > 0      # the cache changes the output, N = 1 does not
+    assert cached["wall_s"] > 0 and cached["ratio"] == pytest.approx(cached["wall_speedup"] / cached["macs_speedup"])
+
+
+def test_deepcache_bench_writes_json_and_markdown(deepcache_run):
+    out, res = deepcache_run
+    data = json.loads((out / "deepcache.json").read_text())
+    assert data["results"][0]["macs"] == res["macs"] and data["repeats"] == 1
+    md = (out / "deepcache.md").read_text()
+    assert "batch 1 x 4 steps" in md and "| 2 | 1 | 2 / 2 |" in md
+    assert "Predicted for the paper's protocol" in md        # 4 steps is not the paper's 100: priced from calls
+    (out / "deepcache.md").unlink()
+    deepcache.render(str(out))                                # --render rewrites the same text from the json
+    assert (out / "deepcache.md").read_text() == md
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(models=["imagenet"]), "unknown model 'imagenet'"),
+                                           (dict(modes=["jit"]), "unknown mode 'jit'")])
+def test_deepcache_bench_rejects_bad_input(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        deepcache.main(out_dir=str(tmp_path), **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_samplers_bench_matches_diffusers_and_writes_markdown(tmp_path):
+    path = samplers.main(out_dir=str(tmp_path), models=("small",), batch=1, steps=3, repeats=1)
+    rows = samplers.bench_model("small", batch=1, steps=3, repeats=1)
+    assert [r["sampler"] for r in rows] == ["DDIM", "DPM-Solver++(2M)"]
+    for r in rows:
+        assert r["max_abs_diff"] < 1e-3                      # same trajectory as diffusers' loop
+        assert r["fewstep_loop_ms"] >= r["fewstep_model_ms"] > 0
+    assert "DPM-Solver++(2M)" in path.read_text()
+
+
+def test_samplers_bench_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark model"):
+        samplers.main(out_dir=str(tmp_path), models=("nope",))
+    with pytest.raises(ValueError, match="steps >= 2"):
+        samplers.main(out_dir=str(tmp_path), models=("small",), steps=1)
