@@ -35,12 +35,12 @@ def single_runs(d: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def job_sampler_cfg(job_dir) -> dict:
-    """The resolved sampler node of a job (its .hydra/config.yaml), {} if it has none."""
+def job_cfg(job_dir, node: str) -> dict:
+    """A resolved config node ('sampler', 'skip', ...) of a job (its .hydra/config.yaml), {} if it has none."""
     import yaml
 
     f = Path(str(job_dir)) / ".hydra" / "config.yaml"
-    return (yaml.safe_load(f.read_text()) or {}).get("sampler", {}) if f.exists() else {}
+    return (yaml.safe_load(f.read_text()) or {}).get(node, {}) or {} if f.exists() else {}
 
 
 def load(dirs) -> pd.DataFrame:
@@ -74,8 +74,12 @@ def load(dirs) -> pd.DataFrame:
             df[col] = df[col].where(df[col].notna(), override(key))
     # the time grid of runs made before metrics recorded it: from the job's resolved config
     for col, default in (("timesteps", None), ("endpoint", True)):
-        df[col] = [v if not pd.isna(v) else job_sampler_cfg(j).get(col, default)
+        df[col] = [v if not pd.isna(v) else job_cfg(j, "sampler").get(col, default)
                    for v, j in zip(df[col].astype(object), df["job_dir"])]
+    # rho of linear Skip-Tuning runs that left it at its default (e.g. the default job): from the config
+    for col in ("rho_bottom", "rho_top"):
+        df[col] = [v if not pd.isna(v) else (lambda c: str(c[col]) if c.get("name") == "linear" and col in c else None)(
+                   job_cfg(j, "skip")) for v, j in zip(df[col].astype(object), df["job_dir"])]   # as an override reads
     df["endpoint"] = [v == "True" if isinstance(v, str) else v for v in df["endpoint"]]
     if "sampler" in df.columns:
         df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
@@ -83,6 +87,8 @@ def load(dirs) -> pd.DataFrame:
 
 
 def fmt(v):
+    if v is None:
+        return ""
     if isinstance(v, (float, np.floating)):
         if np.isnan(v):
             return ""

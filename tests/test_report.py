@@ -94,8 +94,11 @@ def test_single_runs_without_a_summary(report, tmp_path, capsys):
         (tmp_path / "runs" / job / ".hydra").mkdir(parents=True)
         (tmp_path / "runs" / job / "metrics.json").write_text(json.dumps({"skip": "learned" if rho else "linear", "fid": fid}))
         (tmp_path / "runs" / job / ".hydra" / "overrides.yaml").write_text(f"- sampler=dpmpp\n- {rho or 'skip=linear'}\n")
-    out = run(report, capsys, "list", str(tmp_path / "runs"), "--keys", "job", "skip", "fid")
-    assert "| 0_rho1 | linear | 48 |" in out and "| 1_learned | learned | 45.5 |" in out
+        skip = "name: learned\n  path: rho.yaml" if rho else "name: linear\n  rho_top: 1.0\n  rho_bottom: 1.0"
+        (tmp_path / "runs" / job / ".hydra" / "config.yaml").write_text(f"skip:\n  {skip}\n")
+    out = run(report, capsys, "list", str(tmp_path / "runs"), "--keys", "job", "skip", "rho_bottom", "fid")
+    # rho_bottom was not overridden: read from the resolved config where Skip-Tuning is linear, blank otherwise
+    assert "| 0_rho1 | linear | 1.0 | 48 |" in out and "| 1_learned | learned |  | 45.5 |" in out
 
 
 def test_nll_steps_to_match_the_full_bound(report, tmp_path, capsys):
