@@ -171,7 +171,7 @@ def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
     groups = df.groupby(hue) if hue else [("", df)]
     for key, g in groups:
         g = g.assign(_x=g[x].astype(float)).sort_values("_x")
-        label = ", ".join(f"{h}={k}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
+        label = ", ".join(f"{h}={fmt(k)}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
         ax.plot(g["_x"], g[y].astype(float), "o-", ms=3, label=label)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
