@@ -12,6 +12,7 @@ Every number in experiments/README.md is what one of these commands printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,12 +36,24 @@ def single_runs(d: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def job_cfg(job_dir, node: str) -> dict:
-    """A resolved config node ('sampler', 'skip', ...) of a job (its .hydra/config.yaml), {} if it has none."""
+@functools.lru_cache(maxsize=None)
+def _job_config(job_dir: str) -> dict:
+    """A job's resolved config (its .hydra/config.yaml), read once; {} if it has none."""
     import yaml
 
-    f = Path(str(job_dir)) / ".hydra" / "config.yaml"
-    return (yaml.safe_load(f.read_text()) or {}).get(node, {}) or {} if f.exists() else {}
+    f = Path(job_dir) / ".hydra" / "config.yaml"
+    return (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+
+
+def job_cfg(job_dir, node: str) -> dict:
+    """A resolved config node ('sampler', 'skip', ...) of a job, {} if it has none."""
+    return _job_config(str(job_dir)).get(node) or {}
+
+
+def linear_rho(job_dir, key: str):
+    """rho_bottom / rho_top of a job's linear Skip-Tuning as an override would read ('1.0'), else None."""
+    skip = job_cfg(job_dir, "skip")
+    return str(skip[key]) if skip.get("name") == "linear" and key in skip else None
 
 
 def load(dirs) -> pd.DataFrame:
@@ -78,8 +91,7 @@ def load(dirs) -> pd.DataFrame:
                    for v, j in zip(df[col].astype(object), df["job_dir"])]
     # rho of linear Skip-Tuning runs that left it at its default (e.g. the default job): from the config
     for col in ("rho_bottom", "rho_top"):
-        df[col] = [v if not pd.isna(v) else (lambda c: str(c[col]) if c.get("name") == "linear" and col in c else None)(
-                   job_cfg(j, "skip")) for v, j in zip(df[col].astype(object), df["job_dir"])]   # as an override reads
+        df[col] = [v if not pd.isna(v) else linear_rho(j, col) for v, j in zip(df[col].astype(object), df["job_dir"])]
     df["endpoint"] = [v == "True" if isinstance(v, str) else v for v in df["endpoint"]]
     if "sampler" in df.columns:
         df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
