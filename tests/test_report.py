@@ -131,3 +131,29 @@ def test_plot_writes_a_png(report, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--out"):
         run(report, capsys, "plot", str(tmp_path / "s"))
+
+
+@pytest.fixture(scope="module")
+def build_readme():
+    spec = importlib.util.spec_from_file_location("build_readme", ROOT / "experiments" / "build_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_readme_replaces_command_lines_by_their_output(build_readme):
+    template = "# title\n@@ python -c \"print('| a |'); print('| 1 |')\"\ntext @@ not a command\n"
+    assert build_readme.render(template) == "# title\n| a |\n| 1 |\ntext @@ not a command\n"
+
+
+def test_build_readme_stops_at_a_failing_command(build_readme):
+    with pytest.raises(SystemExit, match="command failed .*no_such_script.py"):
+        build_readme.render("x\n@@ python no_such_script.py\n")
+
+
+def test_committed_readme_keeps_every_template_line(build_readme):
+    # experiments/README.md is rendered, not hand-edited: the template's own lines appear in it, in order
+    readme = iter(build_readme.README.read_text().splitlines())
+    for line in build_readme.TEMPLATE.read_text().splitlines():
+        if not line.startswith(build_readme.MARK):
+            assert any(r == line for r in readme), f"template line missing from experiments/README.md: {line!r}"
