@@ -10,12 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "experiments" / "report.py")
+def load_script(name: str):
+    """Import experiments/<name>.py (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_script("report")
 
 
 def write_sweep(path: Path, rows):
@@ -135,10 +140,7 @@ def test_plot_writes_a_png(report, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def build_readme():
-    spec = importlib.util.spec_from_file_location("build_readme", ROOT / "experiments" / "build_readme.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("build_readme")
 
 
 def test_build_readme_replaces_command_lines_by_their_output(build_readme):
