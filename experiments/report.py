@@ -106,7 +106,8 @@ def fmt(v):
             return ""
         if float(v).is_integer() and abs(v) < 1e5:
             return str(int(v))                    # counts (nfe, calls) read from a column with gaps
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e5 else f"{v:.3e}"
+        # 3 significant digits, trailing zeros kept (77.0, not 77), one decimal from 100 up
+        return f"{v:#.3g}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e5 else f"{v:.3e}"
     return str(v)
 
 

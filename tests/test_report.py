@@ -159,3 +159,9 @@ def test_committed_readme_keeps_every_template_line(build_readme):
     for line in build_readme.TEMPLATE.read_text().splitlines():
         if not line.startswith(build_readme.MARK):
             assert any(r == line for r in readme), f"template line missing from experiments/README.md: {line!r}"
+
+
+@pytest.mark.parametrize("value, text", [(76.96, "77.0"), (42.83, "42.8"), (0.72, "0.720"), (5.0, "5"),
+                                         (152.98, "153.0"), (float("nan"), ""), (None, ""), ("ddim", "ddim")])
+def test_fmt_keeps_the_precision_of_every_cell(report, value, text):
+    assert report.fmt(value) == text
