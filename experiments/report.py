@@ -85,13 +85,16 @@ def load(dirs) -> pd.DataFrame:
             df[col] = override(key)
         else:                                   # older summaries lack the column: fill from their overrides
             df[col] = df[col].where(df[col].notna(), override(key))
-    # the time grid of runs made before metrics recorded it: from the job's resolved config
+    def fill_from_config(col, lookup):
+        """Fill the gaps of a column with lookup(job_dir), read from each job's resolved config."""
+        df[col] = [v if not pd.isna(v) else lookup(j) for v, j in zip(df[col].astype(object), df["job_dir"])]
+
+    # the time grid of runs made before metrics recorded it
     for col, default in (("timesteps", None), ("endpoint", True)):
-        df[col] = [v if not pd.isna(v) else job_cfg(j, "sampler").get(col, default)
-                   for v, j in zip(df[col].astype(object), df["job_dir"])]
-    # rho of linear Skip-Tuning runs that left it at its default (e.g. the default job): from the config
+        fill_from_config(col, lambda j: job_cfg(j, "sampler").get(col, default))
+    # rho of linear Skip-Tuning runs that left it at its default (e.g. the default job)
     for col in ("rho_bottom", "rho_top"):
-        df[col] = [v if not pd.isna(v) else linear_rho(j, col) for v, j in zip(df[col].astype(object), df["job_dir"])]
+        fill_from_config(col, lambda j: linear_rho(j, col))
     df["endpoint"] = [v == "True" if isinstance(v, str) else v for v in df["endpoint"]]
     if "sampler" in df.columns:
         df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
