@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
+from conftest import make_tiny_unet
 from torch.utils.flop_counter import FlopCounterMode
 
 from fewstep.backbones.unet import UNetAdapter
@@ -21,11 +21,7 @@ torch.set_num_threads(1)
 
 def _unet(seed=0):
     """(8, 16, 16) x 1 layer, attention in the middle level: 6 skips (k = 5)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                       attention_head_dim=8).eval()
+    return make_tiny_unet(seed, block_out_channels=(8, 16, 16), norm_num_groups=4)
 
 
 @pytest.fixture(scope="module")
@@ -332,10 +328,8 @@ def test_sampling_run_counts_kinds_and_never_reuses_a_cache(adapter):
 
 # ---------------------------------------------------------------------------- torch.compile
 def _tiny_unet8():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=2).eval()
+    return make_tiny_unet(0, sample_size=8, block_out_channels=(4, 8), down_block_types=("DownBlock2D",) * 2,
+                          up_block_types=("UpBlock2D",) * 2, norm_num_groups=2)
 
 
 def _compiled_vs_eager(backend):

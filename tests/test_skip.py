@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from conftest import make_tiny_unet
 from diffusers.utils.torch_utils import apply_freeu
 from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
 
@@ -17,12 +17,8 @@ torch.set_num_threads(1)
 
 def _unet(all_plain_up_blocks=False, seed=0):
     """(32, 64, 64) x 2 layers: 9 skips. all_plain_up_blocks: only UpBlock2D (diffusers' FreeU needs it)."""
-    torch.manual_seed(seed)
     up = ("UpBlock2D",) * 3 if all_plain_up_blocks else ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=up, norm_num_groups=8, attention_head_dim=8)
-    return unet.eval()
+    return make_tiny_unet(seed, block_out_channels=(32, 64, 64), layers_per_block=2, up_block_types=up)
 
 
 @pytest.fixture(scope="module")
