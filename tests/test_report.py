@@ -145,7 +145,25 @@ def build_readme():
 
 def test_build_readme_replaces_command_lines_by_their_output(build_readme):
     template = "# title\n@@ python -c \"print('| a |'); print('| 1 |')\"\ntext @@ not a command\n"
-    assert build_readme.render(template) == "# title\n| a |\n| 1 |\ntext @@ not a command\n"
+    assert build_readme.render(template) == ("# title\n| a |\n| 1 |\ntext @@ not a command\n", {})
+
+
+def test_build_readme_check_draws_figures_aside_and_compares_them(build_readme, tmp_path, monkeypatch, capsys):
+    draw = "@@ python -c \"import sys; open(sys.argv[2], 'w').write('v2'); print('drawn')\" --out figs/f.png\n"
+    (tmp_path / "aside").mkdir()
+    text, drawn = build_readme.render("# t\n" + draw, tmp_path / "aside")  # as --check runs it
+    assert text == "# t\ndrawn\n" and drawn == {"figs/f.png": tmp_path / "aside" / "0.png"}
+    assert (tmp_path / "aside" / "0.png").read_text() == "v2" and not (build_readme.ROOT / "figs").exists()
+
+    monkeypatch.setattr(build_readme, "ROOT", tmp_path)
+    monkeypatch.setattr(build_readme, "README", tmp_path / "README.md")
+    (tmp_path / "README.md").write_text(text)
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "f.png").write_text("v1")
+    assert build_readme.check(text, drawn) == 1 and "figure differs" in capsys.readouterr().out
+    (tmp_path / "figs" / "f.png").write_text("v2")
+    assert build_readme.check(text, drawn) == 0
+    assert build_readme.check(text + "more\n", drawn) == 1 and "+more" in capsys.readouterr().out
 
 
 def test_build_readme_stops_at_a_failing_command(build_readme):
