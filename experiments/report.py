@@ -123,23 +123,42 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def fit_rho(df: pd.DataFrame, metric="fid"):
-    """Best rho_bottom per NFE M, then the fit rho*(M) = 1 - C / M^alpha (least squares in log space)."""
+    """Best rho_bottom per NFE M, then the fit rho*(M) = 1 - C / M^alpha (least squares).
+
+    A best value on the edge of the grid run at that M is flagged: the optimum may lie beyond it. The law
+    stays on one side of 1 for every M (C > 0: below, C < 0: above), so it is fitted only when every
+    rho* != 1 lies on the same side and there are two such M at least.
+    """
     from scipy.optimize import curve_fit
 
     df = df.assign(rho=df["rho_bottom"].astype(float))
     best = df.loc[df.groupby("nfe")[metric].idxmin(), ["nfe", "rho", metric]].sort_values("nfe")
-    print(markdown(best.rename(columns={"rho": "best rho_bottom"})))
+    lo, hi = df.groupby("nfe")["rho"].min(), df.groupby("nfe")["rho"].max()
+    best["grid"] = [f"{lo[m]:g}..{hi[m]:g}" for m in best["nfe"]]
+    best["edge"] = ["lowest tried" if r == lo[m] else "highest tried" if r == hi[m] else "" for m, r in
+                    zip(best["nfe"], best["rho"])]
+    print(markdown(best.rename(columns={"rho": "best rho_bottom", "grid": "rho_bottom tried",
+                                        "edge": "on the grid's edge"})))
     M, r = best["nfe"].to_numpy(float), best["rho"].to_numpy(float)
     below = [(int(m), v) for m, v in zip(M, r) if v < 1.0]
-    if not below:
+    above = [(int(m), v) for m, v in zip(M, r) if v > 1.0]
+    say = lambda pts: ", ".join(f"M = {m} ({v:g})" for m, v in pts)  # noqa: E731
+    if not below and not above:
         print("\nbest rho_bottom is 1 at every M: Skip-Tuning does not help here, no fit")
         return
-    if len(below) < 2:   # 1 - C / M^alpha through one point below 1 and the rest at 1: alpha -> infinity
-        print(f"\nbest rho_bottom < 1 only at M = {below[0][0]} ({below[0][1]:g}), 1 elsewhere: the two-parameter "
-              f"fit needs rho* < 1 at two M at least, no fit")
+    if below and above:
+        print(f"\nbest rho_bottom < 1 at {say(below)} but > 1 at {say(above)}: rho*(M) crosses 1, which "
+              f"1 - C / M^alpha (one side of 1 for every M) cannot follow, no fit")
+        return
+    off = below or above
+    if len(off) < 2:   # 1 - C / M^alpha through one point off 1 and the rest at 1: alpha -> infinity
+        side = "<" if below else ">"
+        print(f"\nbest rho_bottom {side} 1 only at {say(off)}, 1 elsewhere: the two-parameter "
+              f"fit needs rho* {side} 1 at two M at least, no fit")
         return
     try:
-        (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5, 0.5), maxfev=10000)
+        (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5 if below else -0.5, 0.5),
+                                  maxfev=10000)
     except RuntimeError as e:
         print(f"\nthe fit rho*(M) = 1 - C / M^alpha did not converge ({e})")
         return

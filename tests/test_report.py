@@ -86,10 +86,30 @@ def test_fit_rho_says_when_rho_1_is_best(report, capsys):
 
 
 def test_fit_rho_refuses_a_fit_through_one_point_below_1(report, capsys):
-    rows = [dict(nfe=M, rho_bottom=r, fid=abs(r - (0.9 if M == 5 else 1.0))) for M in (5, 10, 20) for r in (0.8, 0.9, 1.0)]
+    rows = [dict(nfe=M, rho_bottom=r, fid=abs(r - (0.9 if M == 5 else 1.0))) for M in (5, 10, 20) for r in (0.8, 0.9, 1.0, 1.1)]
     report.fit_rho(pd.DataFrame(rows))
     out = capsys.readouterr().out
     assert "best rho_bottom < 1 only at M = 5 (0.9)" in out and "no fit" in out and "C =" not in out
+
+
+def test_fit_rho_fits_a_law_from_above(report, capsys):
+    C, alpha = -0.8, 0.5   # rho* = 1.36, 1.25, 1.18, 1.11: deep skips amplified, less so with more steps
+    rows = [dict(nfe=M, rho_bottom=rho, fid=(rho - (1 - C / M ** alpha)) ** 2)
+            for M in (5, 10, 20, 50) for rho in np.round(np.arange(0.8, 1.5001, 0.001), 3)]
+    report.fit_rho(pd.DataFrame(rows))
+    got = dict(kv.split(" = ") for kv in capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
+    assert float(got["C"]) == pytest.approx(C, abs=0.01) and float(got["alpha"]) == pytest.approx(alpha, abs=0.01)
+
+
+def test_fit_rho_flags_the_grid_edge_and_a_crossing_of_1(report, capsys):
+    best = {5: 0.9, 10: 1.1, 20: 1.05}   # at M = 10 the best is the highest value tried: a bound, not an optimum
+    rows = [dict(nfe=M, rho_bottom=r, fid=abs(r - (1.2 if M == 10 else best[M])))
+            for M in best for r in (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)]
+    report.fit_rho(pd.DataFrame(rows))
+    out = capsys.readouterr().out
+    assert "| 10 | 1.10 | " in out and "| 0.8..1.1 | highest tried |" in out
+    assert out.count("est tried |") == 1   # M = 5 and 20 have their optimum inside the grid
+    assert "< 1 at M = 5 (0.9) but > 1 at M = 10 (1.1), M = 20 (1.05)" in out and "no fit" in out
 
 
 def test_single_runs_without_a_summary(report, tmp_path, capsys):
