@@ -28,3 +28,11 @@ class ConfigError(ValueError):
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def option(cfg, key: str, default):
+    """cfg.key with a default, for DictConfig / dict / None alike (a null value gives the default too)."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value

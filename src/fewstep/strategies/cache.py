@@ -41,19 +41,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..config import option
+
 SCHEDULES = ("uniform", "nonuniform")
 DEFAULT_POWER = 1.4
 DEFAULT_CENTER_FRACTION = 0.15   # official DDPM code: c = 15 of T = 100
 
 
 # ---------------------------------------------------------------------------- config
-def _get(cfg, key, default):
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
 def _is_int(v) -> bool:
     return (not isinstance(v, bool) and isinstance(v, (int, np.integer, float)) and math.isfinite(v)
             and float(v) == int(v))
@@ -64,27 +59,27 @@ def validate_cache_cfg(cfg) -> None:
 
     The upper end of `branch` depends on the UNet (0 .. adapter.num_skips - 1): `build_cache` checks it.
     """
-    name = _get(cfg, "name", "none")
+    name = option(cfg, "name", "none")
     if name == "none":
         return
     if name != "deepcache":
         raise ValueError(f"unknown cache '{name}' (choose from none, deepcache)")
-    interval = _get(cfg, "interval", 1)
+    interval = option(cfg, "interval", 1)
     if not _is_int(interval) or int(interval) < 1:
         raise ValueError(f"cache.interval must be an integer >= 1 (1 = cache off, N = one full call every N); got {interval}")
-    branch = _get(cfg, "branch", 0)
+    branch = option(cfg, "branch", 0)
     if not _is_int(branch) or int(branch) < 0:
         raise ValueError(f"cache.branch must be an integer skip index in 0..num_skips-1 (0 = shallowest); got {branch}")
-    schedule = _get(cfg, "schedule", "uniform")
+    schedule = option(cfg, "schedule", "uniform")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown cache.schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    power = _get(cfg, "power", DEFAULT_POWER)
+    power = option(cfg, "power", DEFAULT_POWER)
     if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 < power < math.inf:
         raise ValueError(f"cache.power must be a number > 0 (1 = evenly spaced, > 1 denser around center); got {power}")
     center = cfg.get("center", None) if cfg is not None else None
     if center is not None and (not _is_int(center) or int(center) < 0):
         raise ValueError(f"cache.center must be null or a model-call index >= 0 (and < the run's NFE); got {center}")
-    comp = _get(cfg, "compile", False)
+    comp = option(cfg, "compile", False)
     if not isinstance(comp, bool):
         raise ValueError(f"cache.compile must be true or false; got {comp}")
 
@@ -269,12 +264,12 @@ class DeepCache:
 def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
     """cfg.cache -> a DeepCache object, or None when the cache is off (name none or interval 1)."""
     validate_cache_cfg(cfg_cache)
-    if _get(cfg_cache, "name", "none") == "none" or int(_get(cfg_cache, "interval", 1)) == 1:
+    if option(cfg_cache, "name", "none") == "none" or int(option(cfg_cache, "interval", 1)) == 1:
         return None
     num_skips = getattr(adapter, "num_skips", None)
     if num_skips is None or not hasattr(adapter, "forward_partial"):
         raise ValueError(f"cache=deepcache needs a UNet backbone (UNetAdapter); got {type(adapter).__name__}")
-    return DeepCache(interval=int(_get(cfg_cache, "interval", 1)), branch=int(_get(cfg_cache, "branch", 0)),
-                     schedule=_get(cfg_cache, "schedule", "uniform"), center=cfg_cache.get("center", None),
-                     power=float(_get(cfg_cache, "power", DEFAULT_POWER)), compile=bool(_get(cfg_cache, "compile", False)),
-                     compile_backend=_get(cfg_cache, "compile_backend", "inductor"), num_skips=num_skips)
+    return DeepCache(interval=int(option(cfg_cache, "interval", 1)), branch=int(option(cfg_cache, "branch", 0)),
+                     schedule=option(cfg_cache, "schedule", "uniform"), center=cfg_cache.get("center", None),
+                     power=float(option(cfg_cache, "power", DEFAULT_POWER)), compile=bool(option(cfg_cache, "compile", False)),
+                     compile_backend=option(cfg_cache, "compile_backend", "inductor"), num_skips=num_skips)

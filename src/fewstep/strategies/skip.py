@@ -42,18 +42,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..config import option
+
 GRANULARITIES = ("skip", "level")
 
 
 # ---------------------------------------------------------------------------- helpers
-def _get(cfg, key, default):
-    """cfg.key with a default, for DictConfig / dict / None alike (null -> default)."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
 def parse_t_range(t_range) -> Optional[Tuple[float, float]]:
     """None or [t_min, t_max] (model timesteps, inclusive) -> None or a float pair."""
     if t_range is None:
@@ -181,10 +175,10 @@ class ScaleSkips:
 
 
 def _build_linear(cfg, adapter) -> list:
-    rho_top = float(_get(cfg, "rho_top", 1.0))
-    rho_bottom = float(_get(cfg, "rho_bottom", 1.0))
-    granularity = str(_get(cfg, "granularity", "skip"))
-    t_range = parse_t_range(_get(cfg, "t_range", None))
+    rho_top = float(option(cfg, "rho_top", 1.0))
+    rho_bottom = float(option(cfg, "rho_bottom", 1.0))
+    granularity = str(option(cfg, "granularity", "skip"))
+    t_range = parse_t_range(option(cfg, "t_range", None))
     # validate before looking at the backbone (rho < 0, unknown granularity)
     skip_scales(1, rho_top, rho_bottom, "skip")
     if granularity not in GRANULARITIES:
@@ -257,10 +251,10 @@ class FreeU:
 
 
 def _build_freeu(cfg, adapter) -> list:
-    b1, b2 = float(_get(cfg, "b1", 1.0)), float(_get(cfg, "b2", 1.0))
-    s1, s2 = float(_get(cfg, "s1", 1.0)), float(_get(cfg, "s2", 1.0))
-    threshold = _get(cfg, "threshold", 1)
-    t_range = parse_t_range(_get(cfg, "t_range", None))
+    b1, b2 = float(option(cfg, "b1", 1.0)), float(option(cfg, "b2", 1.0))
+    s1, s2 = float(option(cfg, "s1", 1.0)), float(option(cfg, "s2", 1.0))
+    threshold = option(cfg, "threshold", 1)
+    t_range = parse_t_range(option(cfg, "t_range", None))
     _check_nonneg(b1=b1, b2=b2, s1=s1, s2=s2)
     if (b1, b2, s1, s2) == (1.0, 1.0, 1.0, 1.0):
         return []
@@ -334,10 +328,10 @@ def load_learned(path) -> dict:
 
 
 def _build_learned(cfg, adapter) -> list:
-    path = _get(cfg, "path", None)
+    path = option(cfg, "path", None)
     if not path:
         raise ValueError("skip=learned needs skip.path=<rho file written by task=tune_rho>")
-    t_range = parse_t_range(_get(cfg, "t_range", None))
+    t_range = parse_t_range(option(cfg, "t_range", None))
     data = load_learned(path)
     _require_skips(adapter, "learned")
     k = len(adapter.skips)
@@ -345,7 +339,7 @@ def _build_learned(cfg, adapter) -> list:
     if n != k:
         raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
     saved = data.get("model_id")
-    if bool(_get(cfg, "check_model", True)) and saved:
+    if bool(option(cfg, "check_model", True)) and saved:
         from .variance import model_id
 
         if model_id(adapter) != saved:
@@ -372,7 +366,7 @@ _BUILDERS: Dict[str, Callable] = {
 
 def build_skip(cfg_skip, adapter) -> list:
     """Hooks for `cfg.skip`, to append to `adapter.skip_hooks` (in order). [] = plain network."""
-    name = str(_get(cfg_skip, "name", "none"))
+    name = str(option(cfg_skip, "name", "none"))
     if name not in _BUILDERS:
         raise ValueError(f"unknown skip strategy '{name}' (choose from {', '.join(_BUILDERS)})")
     return _BUILDERS[name](cfg_skip, adapter)
