@@ -133,7 +133,7 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
 
     df = df.assign(rho=df["rho_bottom"].astype(float))
     best = df.loc[df.groupby("nfe")[metric].idxmin(), ["nfe", "rho", metric]].sort_values("nfe")
-    lo, hi = df.groupby("nfe")["rho"].min(), df.groupby("nfe")["rho"].max()
+    lo, hi = (df.groupby("nfe")["rho"].agg(["min", "max"])[c] for c in ("min", "max"))
     best["grid"] = [f"{lo[m]:g}..{hi[m]:g}" for m in best["nfe"]]
     best["edge"] = ["lowest tried" if r == lo[m] else "highest tried" if r == hi[m] else "" for m, r in
                     zip(best["nfe"], best["rho"])]

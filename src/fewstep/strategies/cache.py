@@ -76,7 +76,7 @@ def validate_cache_cfg(cfg) -> None:
     power = option(cfg, "power", DEFAULT_POWER)
     if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 < power < math.inf:
         raise ValueError(f"cache.power must be a number > 0 (1 = evenly spaced, > 1 denser around center); got {power}")
-    center = cfg.get("center", None) if cfg is not None else None
+    center = option(cfg, "center", None)
     if center is not None and (not _is_int(center) or int(center) < 0):
         raise ValueError(f"cache.center must be null or a model-call index >= 0 (and < the run's NFE); got {center}")
     comp = option(cfg, "compile", False)
@@ -270,6 +270,6 @@ def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
     if num_skips is None or not hasattr(adapter, "forward_partial"):
         raise ValueError(f"cache=deepcache needs a UNet backbone (UNetAdapter); got {type(adapter).__name__}")
     return DeepCache(interval=int(option(cfg_cache, "interval", 1)), branch=int(option(cfg_cache, "branch", 0)),
-                     schedule=option(cfg_cache, "schedule", "uniform"), center=cfg_cache.get("center", None),
+                     schedule=option(cfg_cache, "schedule", "uniform"), center=option(cfg_cache, "center", None),
                      power=float(option(cfg_cache, "power", DEFAULT_POWER)), compile=bool(option(cfg_cache, "compile", False)),
                      compile_backend=option(cfg_cache, "compile_backend", "inductor"), num_skips=num_skips)
