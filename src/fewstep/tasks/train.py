@@ -46,10 +46,16 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
 
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step + 1)  # global_step counts this step only after the hook returns
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # EMA with the usual warm-up: decay_eff = min(decay, (1 + n) / (10 + n))
-        n = self.global_step
+    def update_ema(self, n: int):
+        """EMA after the n-th optimizer step, with the usual warm-up: decay_eff = min(decay, (1 + n) / (10 + n)).
+
+        Done inside the optimizer step, so the batch-end callbacks (checkpoint, export) see the EMA of
+        every step taken, and a resumed run continues exactly the EMA of an uninterrupted one."""
         d = min(self.hparams.ema_decay, (1 + n) / (10 + n))
         for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
             pe.lerp_(p.detach(), 1 - d)
@@ -182,17 +188,19 @@ def run(cfg) -> dict:
     meta = {"dataset": cfg.dataset.name, "batch_size": int(t.batch_size), "max_steps": int(t.max_steps),
             "params": sum(p.numel() for p in module.unet.parameters())}
     ckpt_dir = out / "ckpts"
+    loggers = make_loggers(cfg, out)
     callbacks = [
         L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(t.ckpt_every),
                                             save_top_k=0),
         ExportEMA(export_dir, int(t.ckpt_every), meta),
         SampleAndScore(cfg, out, int(t.sample_every)),
-        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
     ]
+    if loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
     tr = cfg.trainer
     trainer = L.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
                         precision=tr.precision, max_steps=int(t.max_steps), gradient_clip_val=float(t.grad_clip),
-                        callbacks=callbacks, logger=make_loggers(cfg, out), default_root_dir=str(out),
+                        callbacks=callbacks, logger=loggers or False, default_root_dir=str(out),
                         enable_checkpointing=True, log_every_n_steps=10, enable_model_summary=False)
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (t.resume and last.exists()) else None
