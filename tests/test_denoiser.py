@@ -59,7 +59,7 @@ def test_gmm_exact_eps_is_the_posterior_mean_of_the_noise():
 
 
 def test_pretrained_round_trip_and_errors(tmp_path):
-    from fewstep.build import load_unet
+    from fewstep.build import load_pretrained as load_unet
 
     unet = make_tiny_unet()
     unet.save_pretrained(str(tmp_path / "m"))

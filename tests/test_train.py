@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY_OVERRIDES, compose_cfg
+from test_uvit import TINY_UVIT_OVERRIDES
 
-TRAIN = [*TINY_OVERRIDES, "task=train", "logger=none", "task.batch_size=32", "task.warmup_steps=2",
-         "task.sample_every=100000", "task.ema_decay=0.9"]
+TRAIN = ["task=train", "logger=none", "task.batch_size=32", "task.warmup_steps=2", "task.sample_every=100000",
+         "task.ema_decay=0.9"]
+BACKBONES = {"unet": TINY_OVERRIDES, "uvit": TINY_UVIT_OVERRIDES}
 
 
 def fixed_batch_loss(unet, alpha_bar, x0, seed=0):
@@ -22,32 +25,34 @@ def fixed_batch_loss(unet, alpha_bar, x0, seed=0):
         return float(((unet(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t).sample - eps) ** 2).mean())
 
 
-def test_training_reduces_the_loss():
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_training_reduces_the_loss(backbone):
     import lightning as L
 
     from fewstep.data import load_dataset
     from fewstep.tasks.train import DiffusionModule
 
-    cfg = compose_cfg(TRAIN)
+    cfg = compose_cfg([*BACKBONES[backbone], *TRAIN])
     torch.manual_seed(0)
     module = DiffusionModule(OmegaConf.to_container(cfg.backbone.config, resolve=True),
                              OmegaConf.to_container(cfg.backbone.schedule, resolve=True), lr=3e-3, warmup_steps=2,
-                             max_steps=60)
+                             max_steps=60, backbone=backbone)
     x = load_dataset(cfg.dataset, "train")
     x = (x[0] if isinstance(x, tuple) else x)[:256]
     probe = x[:128]
-    before = fixed_batch_loss(module.unet.eval(), module.alpha_bar, probe)
+    before = fixed_batch_loss(module.net.eval(), module.alpha_bar, probe)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=32, shuffle=True)
     L.Trainer(accelerator="cpu", max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, loader)
-    after = fixed_batch_loss(module.unet.eval(), module.alpha_bar, probe)
+    after = fixed_batch_loss(module.net.eval(), module.alpha_bar, probe)
     assert after < 0.7 * before, (before, after)
     # the EMA tracked the weights: it moved away from the initial network towards the trained one
     ema_after = fixed_batch_loss(module.ema.eval(), module.alpha_bar, probe)
     assert ema_after < before, (before, ema_after)
 
 
-def test_train_task_exports_a_loadable_model_and_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_train_task_exports_a_loadable_model_and_resumes(backbone, tmp_path, monkeypatch, capsys):
     from fewstep.build import build_denoiser
     from fewstep.tasks import train
 
@@ -56,22 +61,24 @@ def test_train_task_exports_a_loadable_model_and_resumes(tmp_path, monkeypatch, 
     monkeypatch.setattr(train.DiffusionModule, "training_step",
                         lambda self, batch, idx: calls.append(idx) or step(self, batch, idx))
     run_dir, export = tmp_path / "run", tmp_path / "export"
-    args = [*TRAIN, f"task.run_dir={run_dir}", f"task.export_dir={export}", "task.ckpt_every=3"]
+    args = [*BACKBONES[backbone], *TRAIN, f"task.run_dir={run_dir}", f"task.export_dir={export}", "task.ckpt_every=3"]
 
     result = train.run(compose_cfg([*args, "task.max_steps=3"]))
     assert result["steps"] == 3 and len(calls) == 3
     state = json.loads((export / "train_state.json").read_text())
     assert state["step"] == 3 and state["dataset"] == "digits" and state["params"] == result["params"]
+    assert state["backbone"] == backbone
     assert (run_dir / "ckpts" / "last.ckpt").exists() and not list(tmp_path.glob("export.*"))
 
     # the exported folder is the EMA of the checkpoint, and backbone.pretrained=<folder> samples it
     ckpt = torch.load(run_dir / "ckpts" / "last.ckpt", map_location="cpu", weights_only=False)
     ema = {k[len("ema."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
-    model = build_denoiser(compose_cfg([*TINY_OVERRIDES, f"backbone.pretrained={export}"]), torch.device("cpu"))
-    loaded = model.backbone.unet.state_dict()
+    model = build_denoiser(compose_cfg([*BACKBONES[backbone], f"backbone.pretrained={export}"]), torch.device("cpu"))
+    net = getattr(model.backbone, backbone)  # UNetAdapter.unet, UViTAdapter.uvit
+    loaded = net.state_dict()
     assert ema.keys() == loaded.keys() and all(torch.equal(ema[k], loaded[k]) for k in ema)
     x = torch.randn(2, 1, 8, 8)
-    assert torch.isfinite(model(x, 500)).all() and torch.equal(model(x, 500), model.backbone.unet(x, torch.full((2,), 500.0)).sample)
+    assert torch.equal(model(x, 500), net(x, torch.full((2,), 500.0)).sample)
 
     # a longer run in the same run_dir continues at step 3: two more training steps, not five
     calls.clear()

@@ -26,45 +26,76 @@ def build_schedule(cfg_schedule) -> NoiseSchedule:
                                      float(cfg_schedule.beta_end))
 
 
-def load_unet(pretrained: str, subfolder=None):
-    """UNet2DModel.from_pretrained from a local folder, or from the local hub cache (never downloads)."""
-    from diffusers import UNet2DModel
+# backbone.name -> the network class and the adapter that walks it (skip hooks, partial forwards)
+NETWORKS = {
+    "unet": ("diffusers", "UNet2DModel", "fewstep.backbones.unet", "UNetAdapter"),
+    "uvit": ("fewstep.backbones.uvit", "UViT", "fewstep.backbones.uvit", "UViTAdapter"),
+}
 
+
+def _network(name: str):
+    import importlib
+
+    if name not in NETWORKS:
+        raise ConfigError(f"backbone '{name}' is not a trainable network (choose from {', '.join(NETWORKS)})")
+    mod, cls, amod, acls = NETWORKS[name]
+    return getattr(importlib.import_module(mod), cls), getattr(importlib.import_module(amod), acls)
+
+
+def load_pretrained(pretrained: str, subfolder=None, name: str = "unet"):
+    """<Network>.from_pretrained from a local folder, or from the local hub cache (never downloads)."""
+    cls = _network(name)[0]
     path = Path(os.path.expanduser(str(pretrained)))
     if path.exists():
         if not (path / (subfolder or "") / "config.json").exists():
             raise ConfigError(f"backbone.pretrained={pretrained}: no config.json in that folder "
-                              f"(expected a UNet2DModel save_pretrained folder)")
-        return UNet2DModel.from_pretrained(str(path), subfolder=subfolder)
+                              f"(expected a {cls.__name__} save_pretrained folder)")
+        return cls.from_pretrained(str(path), subfolder=subfolder)
     looks_local = str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1
     if looks_local:
         raise ConfigError(f"backbone.pretrained={pretrained}: folder not found")
     try:
-        return UNet2DModel.from_pretrained(str(pretrained), subfolder=subfolder, local_files_only=True)
+        return cls.from_pretrained(str(pretrained), subfolder=subfolder, local_files_only=True)
     except Exception:
         raise ConfigError(f"backbone.pretrained={pretrained}: hub id could not be reached (nothing downloads at run "
                           f"time); download it on a machine with internet and pass backbone.pretrained=/local/folder") from None
 
 
-def build_unet(cfg_backbone):
-    from diffusers import UNet2DModel
+def network_kwargs(cfg_config) -> dict:
+    """backbone.config -> constructor kwargs (lists become tuples, as diffusers expects)."""
     from omegaconf import OmegaConf
 
+    kwargs = OmegaConf.to_container(cfg_config, resolve=True) if not isinstance(cfg_config, dict) else cfg_config
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def new_network(name: str, config: dict):
+    """A freshly initialized network of backbone `name` from its config kwargs."""
+    try:
+        return _network(name)[0](**network_kwargs(config))
+    except ValueError as e:  # the constructors' own shape checks (e.g. a patch size that does not divide)
+        raise ConfigError(f"backbone={name}: {e}") from None
+
+
+def build_network(cfg_backbone):
+    """The plain network of cfg.backbone: loaded from `pretrained`, else built from `config`."""
+    name = str(cfg_backbone.name)
     if cfg_backbone.get("pretrained"):
-        return load_unet(cfg_backbone.pretrained, cfg_backbone.get("subfolder"))
-    kwargs = OmegaConf.to_container(cfg_backbone.config, resolve=True)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return UNet2DModel(**kwargs)
+        return load_pretrained(cfg_backbone.pretrained, cfg_backbone.get("subfolder"), name)
+    return new_network(name, cfg_backbone.config)
+
+
+def adapt(name: str, network):
+    """Wrap a plain network in the adapter the strategies act on (UNetAdapter, UViTAdapter)."""
+    return _network(name)[1](network)
 
 
 def build_backbone(cfg):
-    """The backbone module the denoiser calls: UNetAdapter(UNet2DModel) or GMMExact."""
+    """The backbone module the denoiser calls: an adapter (UNet2DModel, U-ViT) or GMMExact."""
     schedule = build_schedule(cfg.backbone.schedule)
     name = cfg.backbone.name
-    if name == "unet":
-        from .backbones.unet import UNetAdapter
-
-        return UNetAdapter(build_unet(cfg.backbone).eval()), schedule
+    if name in NETWORKS:
+        return adapt(name, build_network(cfg.backbone).eval()), schedule
     if name == "gmm_exact":
         from .backbones.gmm import GMMExact
         from .data import build_mixture

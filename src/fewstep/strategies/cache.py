@@ -28,6 +28,11 @@ call index i = 0 .. T-1 in sampling order (i = 0 is the noisiest):
                    call ``plan(T)`` first. c = 15, p = 1.4 at T = 100 is the setting cited for the
                    official code; the default here scales it: c = round(0.15 T), p = 1.4.
 
+The same two forwards exist for U-ViT (``UViTAdapter``, backbone=uvit): branch m = in block m's long
+skip; a partial call runs the tokens, in blocks 0..m, then the out blocks that consume skips m..0 from
+the cached token state, then the head (caching transformer blocks across steps as in Learning-to-Cache,
+Ma et al. 2024, but at the granularity of DeepCache's branches).
+
 Both forwards have static control flow for a fixed m, so each is wrapped by torch.compile on its
 own (``compile: true``). Skip hooks (Skip-Tuning, FreeU) live on the adapter and act at full and
 partial steps alike (at a partial step, those of the skipped deep layers are baked into the cache).
@@ -214,7 +219,7 @@ class DeepCache:
     def _functions(self, backbone):
         if self._fns is None or self._fns[0] is not backbone:
             if not (hasattr(backbone, "forward_full") and hasattr(backbone, "forward_partial")):
-                raise ValueError(f"cache=deepcache needs a UNet backbone (UNetAdapter); got {type(backbone).__name__}")
+                raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(backbone).__name__}")
             full = functools.partial(backbone.forward_full, branch=self.branch)
             part = functools.partial(backbone.forward_partial, branch=self.branch)
             if self.compile:
@@ -247,7 +252,7 @@ class DeepCache:
         """
         from torch.utils.flop_counter import FlopCounterMode
         if not (hasattr(backbone, "forward_full") and hasattr(backbone, "forward_partial")):
-            raise ValueError(f"cache=deepcache needs a UNet backbone (UNetAdapter); got {type(backbone).__name__}")
+            raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(backbone).__name__}")
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
         with _sdpa_math():
@@ -268,7 +273,7 @@ def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
         return None
     num_skips = getattr(adapter, "num_skips", None)
     if num_skips is None or not hasattr(adapter, "forward_partial"):
-        raise ValueError(f"cache=deepcache needs a UNet backbone (UNetAdapter); got {type(adapter).__name__}")
+        raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(adapter).__name__}")
     return DeepCache(interval=int(option(cfg_cache, "interval", 1)), branch=int(option(cfg_cache, "branch", 0)),
                      schedule=option(cfg_cache, "schedule", "uniform"), center=option(cfg_cache, "center", None),
                      power=float(option(cfg_cache, "power", DEFAULT_POWER)), compile=bool(option(cfg_cache, "compile", False)),

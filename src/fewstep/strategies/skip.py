@@ -1,4 +1,5 @@
-"""Skip-connection strategies, as skip hooks of a backbone adapter (`UNetAdapter.skip_hooks`).
+"""Skip-connection strategies, as skip hooks of a backbone adapter (`UNetAdapter.skip_hooks`, and the
+long token skips of `UViTAdapter.skip_hooks` for backbone=uvit).
 
 A hook is called right before decoder layer i concatenates its decoder ("up", backbone)
 feature u with the encoder ("down") feature d carried by skip i:
@@ -78,7 +79,7 @@ def _check_nonneg(**values):
 def _require_skips(adapter, strategy: str):
     if not getattr(adapter, "skips", None) or not hasattr(adapter, "skip_hooks"):
         raise ValueError(f"skip strategy '{strategy}' needs a backbone with skip connections "
-                         f"(a UNetAdapter); {type(adapter).__name__} has none: use skip=none")
+                         f"(backbone=unet or uvit); {type(adapter).__name__} has none: use skip=none")
 
 
 # ---------------------------------------------------------------------------- Skip-Tuning
@@ -259,6 +260,11 @@ def _build_freeu(cfg, adapter) -> list:
     if (b1, b2, s1, s2) == (1.0, 1.0, 1.0, 1.0):
         return []
     _require_skips(adapter, "freeu")
+    from ..backbones.unet import UNetAdapter
+
+    if not isinstance(adapter, UNetAdapter):
+        raise ValueError(f"skip=freeu acts on the feature maps of a UNet decoder (backbone=unet); "
+                         f"{type(adapter).__name__} has none: use skip=linear or skip=learned")
     return [FreeU(adapter.skips, b1, b2, s1, s2, t_range, threshold)]
 
 

@@ -24,6 +24,11 @@ def validate(cfg) -> None:
     validate_trainer_cfg(cfg.trainer)
 
     validate_sampler_cfg(cfg.sampler)
+    if cfg.backbone.name == "uvit" and not cfg.backbone.get("pretrained"):
+        from ..backbones.uvit import check_uvit_config
+
+        c = cfg.backbone.config
+        check_uvit_config(int(c.sample_size), int(c.patch_size), int(c.embed_dim), int(c.depth), int(c.num_heads))
     skip = cfg.skip
     for key in ("rho_top", "rho_bottom"):
         if key in skip:

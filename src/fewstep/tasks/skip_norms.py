@@ -74,7 +74,7 @@ def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[
     own hooks are restored afterwards. Returns the rows of skip_norms.csv.
     """
     if not getattr(adapter, "skips", None):
-        raise ValueError(f"skip norms need a backbone with skip connections (a UNetAdapter), "
+        raise ValueError(f"skip norms need a backbone with skip connections (backbone=unet or uvit), "
                          f"not {type(adapter).__name__}")
     saved = adapter.skip_hooks
     rows: List[dict] = []
@@ -172,8 +172,8 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
     from .evaluate import build_variance_rule, expected_nfe
 
     batch_size = _batch_size(cfg)
-    if cfg.backbone.name != "unet":
-        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet), "
+    if cfg.backbone.name not in ("unet", "uvit"):
+        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet or uvit), "
                          f"not backbone={cfg.backbone.name}")
     out = Path(out_dir) if out_dir is not None else output_dir()
     device = resolve_device(cfg.get("device", "auto"))

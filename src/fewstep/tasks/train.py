@@ -1,4 +1,4 @@
-"""task=train: an eps-prediction UNet2DModel trained with Lightning.
+"""task=train: an eps-prediction network (UNet2DModel, or U-ViT with backbone=uvit) trained with Lightning.
 
 Loss: the simple DDPM objective (Ho et al. 2020, eq. 14), E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2
 with t uniform in 0..N-1. AdamW, linear warm-up then cosine decay, gradient clipping, an EMA of the weights
@@ -19,20 +19,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ..build import build_schedule, build_unet, sample_shape
+from ..build import adapt, build_schedule, new_network, sample_shape
 from ..outputs import output_dir
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(self, unet_config: dict, schedule_cfg: dict, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.999),
-                 warmup_steps=200, max_steps=2400, ema_decay=0.999):
+    def __init__(self, net_config: dict, schedule_cfg: dict, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.999),
+                 warmup_steps=200, max_steps=2400, ema_decay=0.999, backbone: str = "unet"):
         super().__init__()
-        from diffusers import UNet2DModel
-
         self.save_hyperparameters()
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in unet_config.items()}
-        self.unet = UNet2DModel(**kwargs)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.net = new_network(backbone, net_config)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
         sched = build_schedule(OmegaConf.create(schedule_cfg))
         self.register_buffer("alpha_bar", torch.tensor(sched.alpha_bar, dtype=torch.float32))
 
@@ -42,7 +39,7 @@ class DiffusionModule(L.LightningModule):
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.ndim - 1)))
         eps = torch.randn_like(x0)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        loss = F.mse_loss(self.unet(xt, t).sample, eps)
+        loss = F.mse_loss(self.net(xt, t).sample, eps)
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
 
@@ -57,14 +54,14 @@ class DiffusionModule(L.LightningModule):
         Done inside the optimizer step, so the batch-end callbacks (checkpoint, export) see the EMA of
         every step taken, and a resumed run continues exactly the EMA of an uninterrupted one."""
         d = min(self.hparams.ema_decay, (1 + n) / (10 + n))
-        for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
+        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
             pe.lerp_(p.detach(), 1 - d)
-        for be, b in zip(self.ema.buffers(), self.unet.buffers()):
+        for be, b in zip(self.ema.buffers(), self.net.buffers()):
             be.copy_(b)
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
 
         def lr_lambda(step):
             if step < hp.warmup_steps:
@@ -76,12 +73,12 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def export_unet(unet, export_dir: Path, info: dict):
+def export_network(net, export_dir: Path, info: dict):
     """save_pretrained into a temporary folder, then swap it in: never a half-written model."""
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(str(tmp), safe_serialization=True)
+    net.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "train_state.json").write_text(json.dumps(info, indent=2))
     old = export_dir.with_name(export_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -92,7 +89,7 @@ def export_unet(unet, export_dir: Path, info: dict):
 
 
 class ExportEMA(L.Callback):
-    """Every `every` steps (and at the end) export the EMA UNet with save_pretrained."""
+    """Every `every` steps (and at the end) export the EMA network with save_pretrained."""
 
     def __init__(self, export_dir, every: int, meta: dict):
         self.export_dir, self.every, self.meta = Path(export_dir), every, meta
@@ -101,7 +98,7 @@ class ExportEMA(L.Callback):
         if trainer.is_global_zero:
             info = dict(self.meta, step=int(trainer.global_step),
                         loss=float(trainer.callback_metrics.get("train/loss", float("nan"))))
-            export_unet(pl_module.ema, self.export_dir, info)
+            export_network(pl_module.ema, self.export_dir, info)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every == 0:
@@ -129,7 +126,6 @@ class SampleAndScore(L.Callback):
 
     @torch.no_grad()
     def _sample_and_score(self, trainer, pl_module, step):
-        from ..backbones.unet import UNetAdapter
         from ..denoiser import Denoiser
         from ..outputs import save_grid
         from ..samplers import sample
@@ -137,7 +133,7 @@ class SampleAndScore(L.Callback):
 
         cfg = self.cfg
         ema = pl_module.ema.eval()
-        model = Denoiser(UNetAdapter(ema), build_schedule(cfg.backbone.schedule), "eps")
+        model = Denoiser(adapt(cfg.backbone.name, ema), build_schedule(cfg.backbone.schedule), "eps")
         sampler_cfg = OmegaConf.create({"name": "dpmpp", "steps": int(cfg.task.eval_steps), "order": 2,
                                         "lower_order_final": True, "timesteps": "logsnr"})
         n = int(cfg.task.eval_samples)
@@ -175,18 +171,18 @@ def run(cfg) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.task.run_dir) if cfg.task.run_dir else output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(cfg.task.export_dir) if cfg.task.export_dir else out / "unet"
+    export_dir = Path(cfg.task.export_dir) if cfg.task.export_dir else out / str(cfg.backbone.name)
+    t = cfg.task
+    module = DiffusionModule(OmegaConf.to_container(cfg.backbone.config, resolve=True),
+                             OmegaConf.to_container(cfg.backbone.schedule, resolve=True), lr=t.lr,
+                             weight_decay=t.weight_decay, betas=list(t.betas), warmup_steps=t.warmup_steps,
+                             max_steps=t.max_steps, ema_decay=t.ema_decay, backbone=str(cfg.backbone.name))
+    meta = {"dataset": cfg.dataset.name, "backbone": str(cfg.backbone.name), "batch_size": int(t.batch_size),
+            "max_steps": int(t.max_steps), "params": sum(p.numel() for p in module.net.parameters())}
     x = load_dataset(cfg.dataset, "train")
     x = x[0] if isinstance(x, tuple) else x
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=int(cfg.task.batch_size),
                                          shuffle=True, drop_last=True, num_workers=int(cfg.task.num_workers))
-    unet_config = OmegaConf.to_container(cfg.backbone.config, resolve=True)
-    t = cfg.task
-    module = DiffusionModule(unet_config, OmegaConf.to_container(cfg.backbone.schedule, resolve=True), lr=t.lr,
-                             weight_decay=t.weight_decay, betas=list(t.betas), warmup_steps=t.warmup_steps,
-                             max_steps=t.max_steps, ema_decay=t.ema_decay)
-    meta = {"dataset": cfg.dataset.name, "batch_size": int(t.batch_size), "max_steps": int(t.max_steps),
-            "params": sum(p.numel() for p in module.unet.parameters())}
     ckpt_dir = out / "ckpts"
     loggers = make_loggers(cfg, out)
     callbacks = [

@@ -347,7 +347,7 @@ def fit(cfg, out: Path):
     model = build_denoiser(_plain_cfg(cfg, skip={"name": "none"}), device)   # the hooks come from the tuner
     adapter = model.backbone
     if not getattr(adapter, "skips", None):
-        raise ConfigError(f"task=tune_rho needs a backbone with skip connections (backbone=unet), "
+        raise ConfigError(f"task=tune_rho needs a backbone with skip connections (backbone=unet or uvit), "
                           f"got backbone={cfg.backbone.name}")
     init = check_init(initial_rho(cfg, adapter), float(t.rho_max))
     levels = [s.level for s in adapter.skips]
