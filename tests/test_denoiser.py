@@ -74,3 +74,26 @@ def test_pretrained_round_trip_and_errors(tmp_path):
         load_unet(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="could not be reached.*backbone.pretrained=/local/folder"):
         load_unet("nobody-has/this-model-1234")
+
+
+def test_autocast_runs_only_the_network_in_low_precision():
+    from fewstep.backbones.unet import UNetAdapter
+    from fewstep.denoiser import Denoiser
+    from fewstep.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.from_config()
+    unet = make_tiny_unet()
+    plain = Denoiser(UNetAdapter(unet), sched)
+    bf16 = Denoiser(UNetAdapter(unet), sched, autocast="bf16")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, low = plain(x, 300), bf16(x, 300)
+        seen = []
+        hook = unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        bf16(x, 300)
+        hook.remove()
+    assert seen == [torch.bfloat16] and low.dtype == torch.float32
+    err = ((low - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.05   # bf16 keeps ~3 significant digits: close to float32, not equal
+    with pytest.raises(ConfigError, match="autocast must be null, bf16 or fp16 \\(got fp8\\)"):
+        Denoiser(UNetAdapter(unet), sched, autocast="fp8")

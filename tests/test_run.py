@@ -69,6 +69,7 @@ def test_unknown_choice_lists_options():
     ("n_samples=0", "n_samples must be >= 1"),
     ("sampler.timesteps=cubic", "unknown timestep spacing 'cubic'"),
     ("skip.rho_bottom=-0.5", "skip.rho_bottom must be >= 0"),
+    ("autocast=fp8", "autocast must be null, bf16 or fp16 (got fp8)"),
 ])
 def test_invalid_values_fail_before_building(override, message, monkeypatch, capsys):
     import fewstep.build

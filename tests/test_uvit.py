@@ -250,14 +250,15 @@ def test_pretrained_round_trip_through_the_config(uvit, tmp_path):
         assert torch.equal(model(x, 321), uvit(x, torch.full((3,), 321.0)).sample)
 
 
-def test_run_py_samples_a_uvit_with_skip_tuning_and_deepcache(tmp_path):
+def test_run_py_samples_a_uvit_with_skip_tuning_deepcache_and_bf16(tmp_path):
     from test_run import run_py
 
     out = tmp_path / "run"
     run_py(*TINY_UVIT_OVERRIDES, "logger=none", "sampler=ddim", "sampler.steps=4", "skip.rho_bottom=0.6",
-           "cache=deepcache", "cache.interval=2", "cache.branch=1", "n_samples=6", "batch_size=3",
+           "cache=deepcache", "cache.interval=2", "cache.branch=1", "n_samples=6", "batch_size=3", "autocast=bf16",
            f"hydra.run.dir={out}")
     m = json.loads((out / "metrics.json").read_text())
+    assert m["autocast"] == "bf16"
     assert m["nfe"] == 4 and m["calls_full"] == 2 and m["calls_partial_1"] == 2 and m["n_samples"] == 6
     assert m["macs_partial_1"] < m["macs_full"] and m["macs_per_sample"] == 2 * (m["macs_full"] + m["macs_partial_1"])
     p = run_py(*TINY_UVIT_OVERRIDES, "logger=none", "backbone.config.patch_size=3", f"hydra.run.dir={tmp_path / 'bad'}",

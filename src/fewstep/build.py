@@ -125,7 +125,8 @@ def build_denoiser(cfg, device=None) -> Denoiser:
     backbone, schedule = build_backbone(cfg)
     backbone.requires_grad_(False)
     cache = install_strategies(cfg, backbone)
-    return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache).to(device)
+    return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
+                    autocast=cfg.get("autocast", None)).to(device)
 
 
 def sample_shape(cfg) -> tuple:

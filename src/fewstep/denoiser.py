@@ -11,6 +11,9 @@ backbone's output from its parameterization to eps:
 Strategies act below it: skip hooks live on the backbone adapter, a cache
 strategy (DeepCache) replaces the backbone call. The denoiser counts every
 network evaluation (NFE) and, per kind of call ("full", "partial@m"), its MACs.
+
+`autocast` ("bf16" / "fp16", config key `autocast`) runs the network calls -- and only them -- under
+torch.autocast; their output is cast back to x's dtype, so the sampler's arithmetic stays float32.
 """
 from __future__ import annotations
 
@@ -20,14 +23,25 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .schedule import NoiseSchedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(name) -> Optional[torch.dtype]:
+    """Config value of `autocast` -> dtype (None = off); one-line ConfigError otherwise."""
+    if name in (None, "none", "null", False):
+        return None
+    if name not in AUTOCAST:
+        raise ConfigError(f"autocast must be null, bf16 or fp16 (got {name})")
+    return AUTOCAST[name]
 
 
 class Denoiser(nn.Module):
     def __init__(self, backbone: nn.Module, schedule: NoiseSchedule, parameterization: str = "eps",
-                 cache=None):
+                 cache=None, autocast: Optional[str] = None):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization '{parameterization}' (choose from {', '.join(PARAMETERIZATIONS)})")
@@ -35,6 +49,7 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.parameterization = parameterization
         self.cache = cache
+        self.autocast = autocast_dtype(autocast)
         self.calls: Counter = Counter()  # kind of backbone call -> number of batched calls
 
     # ------------------------------------------------------------------ bookkeeping
@@ -54,10 +69,11 @@ class Denoiser(nn.Module):
 
     def backbone_out(self, x: torch.Tensor, t) -> torch.Tensor:
         tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
-        if self.cache is not None:
-            out, kind = self.cache(self.backbone, x, tt)
-        else:
-            out, kind = self.backbone(x, tt), "full"
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if self.cache is not None:
+                out, kind = self.cache(self.backbone, x, tt)
+            else:
+                out, kind = self.backbone(x, tt), "full"
         self.calls[kind] += 1
         return out
 

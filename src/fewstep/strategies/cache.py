@@ -182,6 +182,7 @@ class DeepCache:
     def reset(self):
         """Drop the cached feature and restart the call counter (new sampling run or new batch)."""
         self._cache = None
+        self._cache_for = None   # (batch size, device, dtype) of the input of the full call that made it
         self._i = 0
         self._last_full = None
 
@@ -229,8 +230,8 @@ class DeepCache:
         return self._fns[1], self._fns[2]
 
     def _cache_fits(self, x: torch.Tensor) -> bool:
-        h = self._cache[0] if self._cache is not None else None
-        return h is not None and h.shape[0] == x.shape[0] and h.device == x.device and h.dtype == x.dtype
+        # compared with the input, not the cached feature: under autocast the feature is bf16 / fp16
+        return self._cache is not None and self._cache_for == (x.shape[0], x.device, x.dtype)
 
     def __call__(self, backbone, x: torch.Tensor, t_batch: torch.Tensor):
         full_fn, partial_fn = self._functions(backbone)
@@ -240,6 +241,7 @@ class DeepCache:
             return partial_fn(x, t_batch, self._cache), self.kind_partial
         out, cache = full_fn(x, t_batch)
         self._cache = tuple(c.detach() if torch.is_tensor(c) else c for c in cache)
+        self._cache_for = (x.shape[0], x.device, x.dtype)
         self._last_full = i
         return out, "full"
 

@@ -18,6 +18,9 @@ def validate(cfg) -> None:
     """Cheap checks of everything the user can mistype; raises ValueError with one line."""
     check(int(cfg.n_samples) >= 1, f"n_samples must be >= 1 (got {cfg.n_samples})")
     check(int(cfg.batch_size) >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    from ..denoiser import autocast_dtype
+
+    autocast_dtype(cfg.get("autocast", None))
     from ..parallel import validate_trainer_cfg
     from ..samplers import validate_sampler_cfg
 

@@ -149,6 +149,8 @@ def evaluate_rank(dist: Dist, cfg):
     result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
               "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
               "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device)}
+    if cfg.get("autocast", None):
+        result["autocast"] = str(cfg.autocast)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
         result["timesteps"] = cfg.sampler.get("timesteps", None) or DEFAULT_SPACING[cfg.sampler.name]
         result["endpoint"] = bool(cfg.sampler.get("endpoint", True))
