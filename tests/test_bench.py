@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fewstep.bench import deepcache, samplers
+from fewstep.bench import deepcache, precision, samplers
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,20 @@ def test_samplers_bench_rejects_bad_input(tmp_path):
         samplers.main(out_dir=str(tmp_path), models=("nope",))
     with pytest.raises(ValueError, match="steps >= 2"):
         samplers.main(out_dir=str(tmp_path), models=("small",), steps=1)
+
+
+def test_precision_bench_writes_ratios_and_errors(tmp_path):
+    path = precision.main(out_dir=str(tmp_path), batch=2, repeats=1)
+    md = path.read_text()
+    table = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(table) == 2 * 3 and {r[1] for r in table} == {"float32", "bf16", "fp16"}
+    for r in table:
+        errs = [float(v.strip(" |")) for v in r[4:]]
+        assert len(errs) == 4 and all(e == 0 for e in errs) == (r[1] == "float32")
+        assert all(0 <= e < 0.1 for e in errs)   # low precision is close to float32, not equal
+        if r[1] == "float32":
+            assert r[3] == "1.00x"
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="need batch >= 1"):
+        precision.main(out_dir=str(tmp_path / "bad"), batch=0)
+    assert not (tmp_path / "bad").exists()
