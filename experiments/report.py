@@ -79,7 +79,7 @@ def load(dirs) -> pd.DataFrame:
 
     for key in ("skip.rho_bottom", "skip.rho_top", "sampler.order", "cache.interval", "cache.schedule",
                 "cache.branch", "sampler.var_type", "variance", "sampler.timesteps", "sampler.eta", "sampler.endpoint",
-                "skip.name"):
+                "skip.name", "sampler.lower_order_final"):
         col = key.split(".")[-1]
         if col not in df.columns:
             df[col] = override(key)
@@ -97,7 +97,10 @@ def load(dirs) -> pd.DataFrame:
         fill_from_config(col, lambda j: linear_rho(j, col))
     df["endpoint"] = [v == "True" if isinstance(v, str) else v for v in df["endpoint"]]
     if "sampler" in df.columns:
-        df["sampler_label"] = df["sampler"] + df["order"].map(lambda o: f"(order {o})" if isinstance(o, str) else "")
+        parts = [[f"order {o}"] if isinstance(o, str) else [] for o in df["order"]]
+        parts = [p + (["lower_order_final=always"] if lof == "always" else []) for p, lof in
+                 zip(parts, df["lower_order_final"])]
+        df["sampler_label"] = df["sampler"] + [f"({', '.join(p)})" if p else "" for p in parts]
     return df
 
 

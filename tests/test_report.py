@@ -64,6 +64,17 @@ def test_table_where_and_override_columns(report, tmp_path, capsys):
         run(report, capsys, "list", str(tmp_path / "new"), "--where", "bogus=1")
 
 
+def test_sampler_label_names_order_and_lower_order_final(report, tmp_path, capsys):
+    write_sweep(tmp_path / "s", [
+        dict(job="0", overrides="sampler=dpmpp sampler.steps=20", sampler="dpmpp", nfe=20, fid=48.0),
+        dict(job="1", overrides="sampler=dpmpp sampler.order=3 sampler.steps=20", sampler="dpmpp", nfe=20, fid=73.1),
+        dict(job="2", overrides="sampler=dpmpp sampler.order=3 sampler.lower_order_final=always sampler.steps=20",
+             sampler="dpmpp", nfe=20, fid=50.0)])
+    out = run(report, capsys, "table", str(tmp_path / "s"), "--rows", "sampler_label")
+    assert "| dpmpp | 48 |" in out and "| dpmpp(order 3) | 73.1 |" in out
+    assert "| dpmpp(order 3, lower_order_final=always) | 50 |" in out
+
+
 def test_fit_rho_recovers_a_known_law(report, capsys):
     C, alpha = 0.6, 0.8
     rows = []

@@ -70,6 +70,7 @@ def test_unknown_choice_lists_options():
     ("sampler.timesteps=cubic", "unknown timestep spacing 'cubic'"),
     ("skip.rho_bottom=-0.5", "skip.rho_bottom must be >= 0"),
     ("autocast=fp8", "autocast must be null, bf16 or fp16 (got fp8)"),
+    ("sampler.lower_order_final=sometimes", "sampler.lower_order_final must be true, false or always"),
 ])
 def test_invalid_values_fail_before_building(override, message, monkeypatch, capsys):
     import fewstep.build

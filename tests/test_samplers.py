@@ -117,6 +117,12 @@ def test_dpmpp_order_schedule_matches_diffusers_rule():
     assert dpmpp_orders(20, 3) == [1, 2] + [3] * 17 + [1]       # >= 15 steps: only the final step drops
     assert dpmpp_orders(5, 2) == [1, 2, 2, 2, 1]
     assert dpmpp_orders(1, 3) == [1] and dpmpp_orders(2, 3) == [1, 1]
+    # "always": the second-to-last step is lowered at any step count; below 15 steps it is the default rule
+    assert dpmpp_orders(20, 3, "always") == [1, 2] + [3] * 16 + [2, 1]
+    assert all(dpmpp_orders(n, 3, "always") == dpmpp_orders(n, 3) for n in range(1, 15))
+    assert dpmpp_orders(20, 2, "always") == dpmpp_orders(20, 2)
+    with pytest.raises(ValueError, match="lower_order_final must be true, false or always"):
+        dpmpp_orders(20, 3, "sometimes")
 
 
 # ----------------------------------------------------------------------------- ancestral samplers

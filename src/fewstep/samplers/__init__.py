@@ -71,6 +71,10 @@ def validate_sampler_cfg(cfg) -> None:
         raise ValueError(f"unknown sampler.var_type '{cfg.get('var_type')}' (choose from {', '.join(VAR_TYPES)})")
     if name == "dpmpp" and cfg.get("order", 2) not in (1, 2, 3):
         raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.get('order')!r})")
+    if name == "dpmpp":
+        from .dpmpp import dpmpp_orders
+
+        dpmpp_orders(1, 2, cfg.get("lower_order_final", True))   # checks the value
 
 
 def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:
@@ -105,6 +109,6 @@ def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None) -> torch
                            variance=variance)
     if name == "dpmpp":
         return sample_dpmpp(model, z, ts, schedule, order=int(cfg.get("order", 2)),
-                            lower_order_final=bool(cfg.get("lower_order_final", True)))
+                            lower_order_final=cfg.get("lower_order_final", True))
     x = float(edm_sigmas(ts, schedule)[0]) * z  # EDM: x = sigma_max z in VE space
     return (sample_euler if name == "euler" else sample_heun)(model, x, ts, schedule)

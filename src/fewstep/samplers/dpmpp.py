@@ -14,8 +14,12 @@ update is exactly x = D (the model's x0 prediction): diffusers' final_sigmas_typ
 Order schedule (replicates diffusers' DPMSolverMultistepScheduler.step): step 0 is first order
 (warm-up: no history), step 1 at most second order; the final step (to sigma = 0) is always first
 order; with lower_order_final and fewer than 15 steps the second-to-last step is at most second order.
+``lower_order_final="always"`` applies that rule at every step count. It matters for order 3 on grids whose
+last step is long in log-SNR: on the linspace grid with the t = 0 call the step from t = 53 to t = 0 at
+20 steps has h = 2.92 against 0.66 and 0.43 for the two before it, and the third-order extrapolation over
+such unequal steps costs 20 FID on the shipped model (experiments/README.md, "lower_order_final").
 When to use: order 2 for guided sampling, order 3 for unconditional models; keep lower_order_final on
-below ~15 steps (it stabilises them). Time grid: the DPM-Solver paper recommends uniform log-SNR at low
+below ~15 steps (it stabilises them), and "always" with order 3 on the endpoint grid. Time grid: the DPM-Solver paper recommends uniform log-SNR at low
 resolution (timesteps=logsnr with endpoint=false is its grid: M steps between M + 1 points, no evaluation
 at the clean end). On the shipped 28 x 28 model linspace with the t = 0 evaluation is better at 5-20 NFE
 (experiments/README.md), so it is the default; compare grids on your model before trusting either.
@@ -28,13 +32,20 @@ import numpy as np
 import torch
 
 
-def dpmpp_orders(steps: int, order: int, lower_order_final: bool = True) -> list:
-    """Solver order used at each step, exactly as diffusers' DPMSolverMultistepScheduler chooses it."""
+LOWER_ORDER_FINAL = (True, False, "always")
+
+
+def dpmpp_orders(steps: int, order: int, lower_order_final=True) -> list:
+    """Solver order used at each step, exactly as diffusers' DPMSolverMultistepScheduler chooses it
+    (lower_order_final True / False); "always" also lowers the second-to-last step at >= 15 steps."""
+    if lower_order_final not in LOWER_ORDER_FINAL:
+        raise ValueError(f"sampler.lower_order_final must be true, false or always (got {lower_order_final!r})")
+    lower = lower_order_final == "always" or (lower_order_final is True and steps < 15)
     orders = []
     for i in range(steps):
         if order == 1 or i == 0 or i == steps - 1:          # warm-up; final step to sigma = 0
             orders.append(1)
-        elif order == 2 or i == 1 or (lower_order_final and steps < 15 and i == steps - 2):
+        elif order == 2 or i == 1 or (lower and i == steps - 2):
             orders.append(2)
         else:
             orders.append(3)
@@ -42,7 +53,7 @@ def dpmpp_orders(steps: int, order: int, lower_order_final: bool = True) -> list
 
 
 def sample_dpmpp(model, x: torch.Tensor, ts: np.ndarray, schedule, order: int = 2,
-                 lower_order_final: bool = True) -> torch.Tensor:
+                 lower_order_final=True) -> torch.Tensor:
     """DPM-Solver++(order)M from x = x_T ~ N(0, I) over decreasing timesteps ts, ending at sigma = 0."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (got {order})")
