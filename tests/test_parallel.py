@@ -103,3 +103,23 @@ def test_slurm_launcher_config_composes_only_when_selected():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == ("gpu", 4, 4, 2)
     assert launcher.timeout_min > 0
+
+
+def test_spawned_ranks_return_a_large_result(tmp_path):
+    """Rank 0's return value reaches the parent whatever its size (a pipe would block past 64 kB)."""
+    script = tmp_path / "big.py"
+    script.write_text(
+        "import torch\n"
+        "from omegaconf import OmegaConf\n"
+        "from fewstep.parallel import run_parallel\n\n\n"
+        "def big(dist):\n"
+        "    return {'rank': dist.rank, 'world': dist.world, 'x': torch.arange(500_000, dtype=torch.float32)}  # 2 MB\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    cfg = OmegaConf.create({'accelerator': 'cpu', 'devices': 2, 'num_nodes': 1, 'strategy': 'ddp'})\n"
+        "    out = run_parallel(cfg, big)\n"
+        "    assert (out['rank'], out['world']) == (0, 2), out\n"
+        "    assert torch.equal(out['x'], torch.arange(500_000, dtype=torch.float32))\n"
+        "    print('returned', out['x'].numel())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0 and "returned 500000" in p.stdout, p.stderr[-2000:]

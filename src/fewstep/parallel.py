@@ -26,7 +26,9 @@ runs with and without torch.distributed.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -112,10 +114,20 @@ def make_fabric(cfg_trainer):
     return fabric, bool(env is not None and env.creates_processes_externally)
 
 
-def _spawned_entry(fabric, fn, *args):
-    # pickled to bytes here: tensors put on the return queue as they are would be shared through file
-    # descriptors of this process, which is gone by the time the parent reads them
-    return pickle.dumps(fn(Dist.from_fabric(fabric), *args))
+def _spawned_entry(fabric, out_file: str, fn, *args) -> bool:
+    # Fabric hands rank 0's return value to the parent through a pipe that the parent reads only after
+    # every rank has exited: anything over the pipe's buffer (64 kB: a grid of 28 x 28 images) would block
+    # rank 0 in its write forever. So global rank 0 pickles the value into a file (pickle.dump copies
+    # tensor data; sending tensors themselves would share them through file descriptors of this process,
+    # which is gone by the time the parent reads) and the pipe only carries whether it did.
+    result = fn(Dist.from_fabric(fabric), *args)
+    if fabric.global_rank != 0:
+        return False
+    tmp = out_file + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(result, f)
+    os.replace(tmp, out_file)
+    return True
 
 
 def run_parallel(cfg_trainer, fn: Callable[..., Any], *args) -> Any:
@@ -135,8 +147,12 @@ def run_parallel(cfg_trainer, fn: Callable[..., Any], *args) -> Any:
     if external or launcher is None or isinstance(launcher, _SubprocessScriptLauncher):
         fabric.launch()
         return fn(Dist.from_fabric(fabric), *args)
-    packed = fabric.launch(_spawned_entry, fn, *args)
-    return None if packed is None else pickle.loads(packed)
+    with tempfile.TemporaryDirectory(prefix="fewstep-ranks-") as tmp:
+        out_file = os.path.join(tmp, "rank0.pkl")
+        if not fabric.launch(_spawned_entry, out_file, fn, *args):
+            return None
+        with open(out_file, "rb") as f:
+            return pickle.load(f)
 
 
 # ---------------------------------------------------------------------------- splitting
