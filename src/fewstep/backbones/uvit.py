@@ -21,7 +21,7 @@ out block that consumes skip m: i = 0 the deepest. All skips have the same resol
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .unet import SkipInfo
+from .unet import SkipHook, SkipInfo
 
 
 def check_uvit_config(sample_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int) -> None:
@@ -147,9 +147,6 @@ class UViT(ModelMixin, ConfigMixin):
             h = blk(h, skips.pop())
         out = self.head(h)
         return UNet2DOutput(sample=out) if return_dict else (out,)
-
-
-SkipHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 
 class UViTAdapter(nn.Module):
