@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from fewstep.backbones.uvit import UViT, UViTAdapter
+from fewstep.backbones.uvit import UViT, UViTAdapter, batch_timesteps
 from fewstep.denoiser import Denoiser
 from fewstep.schedule import NoiseSchedule
 from fewstep.strategies.cache import DeepCache, build_cache
@@ -43,13 +43,19 @@ def _t(*values):
     return torch.tensor(values, dtype=torch.float32)
 
 
-def hand_run(uvit, x, t, rho=None, class_labels=None):
-    """U-ViT written out block by block, skip m scaled by rho[depth k - m]: the reference of the adapter walk."""
+def in_blocks(uvit, x, t, n=None, class_labels=None):
+    """Tokens, then the first n in blocks (all when None), by hand: (h, [h_0 .. h_{n-1}])."""
     h = uvit.tokens(x, t, class_labels)
     hs = []
-    for blk in uvit.in_blocks:
+    for blk in uvit.in_blocks[:n]:
         h = blk(h)
         hs.append(h)
+    return h, hs
+
+
+def hand_run(uvit, x, t, rho=None, class_labels=None):
+    """U-ViT written out block by block, skip m scaled by rho[depth k - m]: the reference of the adapter walk."""
+    h, hs = in_blocks(uvit, x, t, class_labels=class_labels)
     h = uvit.mid_block(h)
     k = len(hs) - 1
     for i, blk in enumerate(uvit.out_blocks):
@@ -73,7 +79,7 @@ def test_adapter_equals_uvit_forward(overrides):
             ref = net(x, t, class_labels=y).sample
             assert ref.shape == x.shape
             assert torch.equal(a(x, t, class_labels=y), ref)
-            assert torch.equal(hand_run(net, x, a._t_batch(x, t), class_labels=y), ref)
+            assert torch.equal(hand_run(net, x, batch_timesteps(x, t), class_labels=y), ref)
         for m in range(a.num_skips):  # with a fresh cache the partial forward is the full one
             full, cache = a.forward_full(x, t, m, class_labels=y)
             assert torch.equal(full, ref) and torch.equal(a.forward_partial(x, t, cache, m, class_labels=y), ref)
@@ -116,11 +122,7 @@ def test_hooks_see_the_long_skips_deepest_first(uvit, adapter):
     try:
         with torch.no_grad():
             adapter(x, t)
-            h = uvit.tokens(x, t)
-            hs = []
-            for blk in uvit.in_blocks:
-                h = blk(h)
-                hs.append(h)
+            _, hs = in_blocks(uvit, x, t)
     finally:
         adapter.skip_hooks = []
     k = adapter.num_skips - 1
@@ -185,20 +187,12 @@ def test_partial_step_equals_hand_run_of_the_blocks(uvit, adapter, m):
         out1, kind1 = cache(adapter, x1, t1)
         # the cache: the token state entering out block k - m at (x0, t0)
         k = adapter.num_skips - 1
-        h = uvit.tokens(x0, t0)
-        hs0 = []
-        for blk in uvit.in_blocks:
-            h = blk(h)
-            hs0.append(h)
+        h, hs0 = in_blocks(uvit, x0, t0)
         h = uvit.mid_block(h)
         for i in range(k - m):
             h = uvit.out_blocks[i](h, hs0[k - i])
         # the partial step at (x1, t1): in blocks 0..m, out blocks k-m..k from the cache
-        g = uvit.tokens(x1, t1)
-        hs1 = []
-        for blk in uvit.in_blocks[: m + 1]:
-            g = blk(g)
-            hs1.append(g)
+        _, hs1 = in_blocks(uvit, x1, t1, n=m + 1)
         u = h
         for i in range(k - m, k + 1):
             u = uvit.out_blocks[i](u, hs1[k - i])

@@ -44,6 +44,12 @@ def check_uvit_config(sample_size: int, patch_size: int, embed_dim: int, depth: 
         raise ValueError(f"U-ViT depth={depth} must be >= 2 (depth // 2 in blocks, 1 mid block, depth // 2 out blocks)")
 
 
+def batch_timesteps(x: torch.Tensor, t) -> torch.Tensor:
+    """A scalar, (1,) or (B,) timestep -> the (B,) float timesteps of the batch x."""
+    t = torch.as_tensor(t, device=x.device)
+    return (t.reshape(-1) * torch.ones(x.shape[0], device=x.device)).float()
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -118,9 +124,8 @@ class UViT(ModelMixin, ConfigMixin):
     def tokens(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         """(B, C, H, W) image and timesteps -> (B, extras + H W / p^2, D) tokens with position embedding."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2)
-        t = torch.as_tensor(t, device=x.device)
-        t = (t.reshape(-1) * torch.ones(x.shape[0], device=x.device)).float()
-        emb = get_timestep_embedding(t, self.config.embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        emb = get_timestep_embedding(batch_timesteps(x, t), self.config.embed_dim, flip_sin_to_cos=True,
+                                     downscale_freq_shift=0)
         extra = [self.time_embed(emb.to(h.dtype))[:, None]]
         if self.label_emb is not None:
             if class_labels is None:
@@ -178,10 +183,6 @@ class UViTAdapter(nn.Module):
     def dtype(self):
         return self.uvit.dtype
 
-    def _t_batch(self, x, t):
-        t = torch.as_tensor(t, device=x.device)
-        return (t.reshape(-1) * torch.ones(x.shape[0], device=x.device)).float()
-
     def encode(self, x, t, class_labels=None, upto: Optional[int] = None):
         """Tokens, then in blocks 0..upto (all when None). Returns (h, skips shallow-first)."""
         h = self.uvit.tokens(x, t, class_labels)
@@ -202,14 +203,14 @@ class UViTAdapter(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
-        tb = self._t_batch(x, t)
+        tb = batch_timesteps(x, t)
         h, skips = self.encode(x, tb, class_labels)
         h = self.uvit.mid_block(h)
         return self.uvit.head(self.decode_range(h, skips, tb, 0, self.num_skips))
 
     def forward_full(self, x: torch.Tensor, t, branch: int, class_labels=None):
         k = self.num_skips - 1
-        tb = self._t_batch(x, t)
+        tb = batch_timesteps(x, t)
         h, skips = self.encode(x, tb, class_labels)
         h = self.uvit.mid_block(h)
         h = self.decode_range(h, skips, tb, 0, k - branch)
@@ -219,6 +220,6 @@ class UViTAdapter(nn.Module):
 
     def forward_partial(self, x: torch.Tensor, t, cache, branch: int, class_labels=None):
         k = self.num_skips - 1
-        tb = self._t_batch(x, t)
+        tb = batch_timesteps(x, t)
         _, skips = self.encode(x, tb, class_labels, upto=branch)
         return self.uvit.head(self.decode_range(cache[0], skips, tb, k - branch, k + 1))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones.uvit import UViT, UViTAdapter
+from ..backbones.uvit import UViT
 from ..build import adapt, load_pretrained
 from ..config import repo_path
 from ..denoiser import Denoiser
@@ -35,7 +35,7 @@ def models():
     unet = load_pretrained(repo_path("checkpoints/fashion_mnist/unet")).eval()
     torch.manual_seed(0)
     uvit = UViT(sample_size=28, in_channels=1, out_channels=1).eval()
-    return {"fashion_mnist UNet (shipped)": adapt("unet", unet), "U-ViT (random weights)": UViTAdapter(uvit)}
+    return {"fashion_mnist UNet (shipped)": adapt("unet", unet), "U-ViT (random weights)": adapt("uvit", uvit)}
 
 
 @torch.no_grad()
