@@ -21,7 +21,7 @@ from ..schedule import SPACINGS, select_timesteps
 from .ddim import sample_ddim
 from .ddpm import VAR_TYPES, sample_ddpm
 from .diffusers_sampler import sample_diffusers, scheduler_class
-from .dpmpp import sample_dpmpp
+from .dpmpp import check_lower_order_final, sample_dpmpp
 from .edm import edm_sigmas, sample_euler, sample_heun
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun", "diffusers")
@@ -69,12 +69,10 @@ def validate_sampler_cfg(cfg) -> None:
         raise ValueError(f"sampler.eta must be >= 0 (got {cfg.get('eta')})")
     if name == "ddpm" and cfg.get("var_type", "beta_tilde") not in VAR_TYPES:
         raise ValueError(f"unknown sampler.var_type '{cfg.get('var_type')}' (choose from {', '.join(VAR_TYPES)})")
-    if name == "dpmpp" and cfg.get("order", 2) not in (1, 2, 3):
-        raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.get('order')!r})")
     if name == "dpmpp":
-        from .dpmpp import dpmpp_orders
-
-        dpmpp_orders(1, 2, cfg.get("lower_order_final", True))   # checks the value
+        if cfg.get("order", 2) not in (1, 2, 3):
+            raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.get('order')!r})")
+        check_lower_order_final(cfg.get("lower_order_final", True))
 
 
 def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:

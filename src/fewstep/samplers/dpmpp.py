@@ -36,11 +36,15 @@ import torch
 LOWER_ORDER_FINAL = (True, False, "always")
 
 
+def check_lower_order_final(value) -> None:
+    if value not in LOWER_ORDER_FINAL:
+        raise ValueError(f"sampler.lower_order_final must be true, false or always (got {value!r})")
+
+
 def dpmpp_orders(steps: int, order: int, lower_order_final=True) -> list:
     """Solver order used at each step, exactly as diffusers' DPMSolverMultistepScheduler chooses it
     (lower_order_final True / False); "always" also lowers the second-to-last step at >= 15 steps."""
-    if lower_order_final not in LOWER_ORDER_FINAL:
-        raise ValueError(f"sampler.lower_order_final must be true, false or always (got {lower_order_final!r})")
+    check_lower_order_final(lower_order_final)
     lower = lower_order_final == "always" or (lower_order_final is True and steps < 15)
     orders = []
     for i in range(steps):

@@ -54,6 +54,13 @@ DEFAULT_CENTER_FRACTION = 0.15   # official DDPM code: c = 15 of T = 100
 
 
 # ---------------------------------------------------------------------------- config
+def require_partial_forwards(backbone) -> None:
+    """One-line ValueError unless the backbone adapter has DeepCache's full and partial forwards."""
+    if not all(hasattr(backbone, a) for a in ("num_skips", "forward_full", "forward_partial")):
+        raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); "
+                         f"got {type(backbone).__name__}")
+
+
 def _is_int(v) -> bool:
     return (not isinstance(v, bool) and isinstance(v, (int, np.integer, float)) and math.isfinite(v)
             and float(v) == int(v))
@@ -219,8 +226,7 @@ class DeepCache:
     # -------------------------------------------------------------- forwards
     def _functions(self, backbone):
         if self._fns is None or self._fns[0] is not backbone:
-            if not (hasattr(backbone, "forward_full") and hasattr(backbone, "forward_partial")):
-                raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(backbone).__name__}")
+            require_partial_forwards(backbone)
             full = functools.partial(backbone.forward_full, branch=self.branch)
             part = functools.partial(backbone.forward_partial, branch=self.branch)
             if self.compile:
@@ -253,8 +259,7 @@ class DeepCache:
         Runs the eager forwards once each on `x`; attention is counted through the math SDPA path.
         """
         from torch.utils.flop_counter import FlopCounterMode
-        if not (hasattr(backbone, "forward_full") and hasattr(backbone, "forward_partial")):
-            raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(backbone).__name__}")
+        require_partial_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
         with _sdpa_math():
@@ -273,9 +278,8 @@ def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
     validate_cache_cfg(cfg_cache)
     if option(cfg_cache, "name", "none") == "none" or int(option(cfg_cache, "interval", 1)) == 1:
         return None
-    num_skips = getattr(adapter, "num_skips", None)
-    if num_skips is None or not hasattr(adapter, "forward_partial"):
-        raise ValueError(f"cache=deepcache needs a backbone with partial forwards (backbone=unet or uvit); got {type(adapter).__name__}")
+    require_partial_forwards(adapter)
+    num_skips = adapter.num_skips
     return DeepCache(interval=int(option(cfg_cache, "interval", 1)), branch=int(option(cfg_cache, "branch", 0)),
                      schedule=option(cfg_cache, "schedule", "uniform"), center=option(cfg_cache, "center", None),
                      power=float(option(cfg_cache, "power", DEFAULT_POWER)), compile=bool(option(cfg_cache, "compile", False)),
