@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fewstep.bench import deepcache, precision, samplers
+from fewstep.bench import batch, deepcache, precision, samplers
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +79,37 @@ def test_precision_bench_writes_ratios_and_errors(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="need batch >= 1"):
         precision.main(out_dir=str(tmp_path / "bad"), batch=0)
+    assert not (tmp_path / "bad").exists()
+
+
+def _batch_tables(md: str):
+    """{section title: [row cells]} of the batch bench's markdown."""
+    tables, title = {}, None
+    for line in md.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("| ") and not line.startswith("| threads"):
+            tables.setdefault(title, []).append([c.strip() for c in line.strip("|").split("|")])
+    return tables
+
+
+def test_batch_bench_writes_both_allocators(tmp_path):
+    path = batch.main(out_dir=str(tmp_path), batches=(1, 3), threads=(1,), images=3, repeats=1)
+    tables = _batch_tables(path.read_text())
+    assert len(tables) == 2 and "Default allocator" in tables
+    for rows in tables.values():
+        assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("1", "3")]
+        ratios = [float(r[3].rstrip("x")) for r in rows]
+        assert max(ratios) == 1.0 and all(0 < x <= 1 for x in ratios)
+        # the largest activation is linear in the batch size (same network, same layer)
+        mib = [float(r[7].split()[0]) for r in rows]
+        assert mib[1] == pytest.approx(3 * mib[0], rel=0.02)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_batch_bench_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="need batch sizes >= 1"):
+        batch.main(out_dir=str(tmp_path / "bad"), batches=(0, 64))
+    with pytest.raises(ValueError, match="thread counts >= 1"):
+        batch.main(out_dir=str(tmp_path / "bad"), threads=())
     assert not (tmp_path / "bad").exists()
