@@ -29,12 +29,17 @@ def output_dir() -> Path:
         return Path(os.getcwd())
 
 
-def write_json_atomic(path: Path, obj) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write through a .tmp file and a rename: a reader sees the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from ..build import adapt, load_pretrained
 from ..config import repo_path
 from ..denoiser import Denoiser
 from ..schedule import NoiseSchedule
+from . import write_report
 from .samplers import machine
 
 Variant = Tuple[int, int]          # (threads, batch)
@@ -172,14 +173,7 @@ def main(out_dir: str = "experiments/bench", batches: Sequence[int] = (32, 64, 1
     no_mmap = bench_without_mmap(batches, threads, images, repeats) if allocator_check else None
     rows = bench(batches, threads, images, repeats)
     text = to_markdown(rows, images, repeats, (load0, os.getloadavg()[0]), time.perf_counter() - start, no_mmap)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "batch.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(text)
-    return path
+    return write_report(out_dir, "batch.md", text)
 
 
 if __name__ == "__main__":

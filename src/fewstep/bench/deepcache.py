@@ -37,6 +37,7 @@ import torch
 
 from ..backbones.unet import UNetAdapter
 from ..denoiser import Denoiser
+from ..outputs import write_text_atomic
 from ..samplers.ddim import generalized_step, jumps
 from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.cache import DeepCache
@@ -305,7 +306,7 @@ def write_markdown(results: List[Dict], path: Path, machine_desc: str, quick: bo
             lines += [f"torch.compile speedup of the N = 1 baseline over eager (same lock-step run): "
                       f"{res['compile_speedup_baseline']:.2f}x wall, {res['compile_speedup_baseline_call']:.2f}x "
                       "per-call time.", ""]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(out_dir: str = "experiments/bench", quick: bool = False, models: Sequence[str] = ("fashion_mnist", "cifar10"),
@@ -351,7 +352,7 @@ def main(out_dir: str = "experiments/bench", quick: bool = False, models: Sequen
     text += f" 1-min load average at start / end: {load0:.1f} / {load1:.1f} (on {os.cpu_count()} CPUs)."
     header = dict(machine=machine(), quick=quick, threads=threads, total_s=total,
                   note=(note + " " if note else "") + text, repeats=repeats, rounds=rounds)
-    (out / "deepcache.json").write_text(json.dumps(dict(header, results=results), indent=1))
+    write_text_atomic(out / "deepcache.json", json.dumps(dict(header, results=results), indent=1))
     render(out_dir)
     return results
 

@@ -25,6 +25,7 @@ from ..build import adapt, load_pretrained
 from ..config import repo_path
 from ..denoiser import Denoiser
 from ..schedule import NoiseSchedule
+from . import write_report
 from .samplers import machine
 
 PRECISIONS = (None, "bf16", "fp16")
@@ -83,14 +84,7 @@ def main(out_dir: str = "experiments/bench", batch: int = 250, repeats: int = 5)
     start, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = {name: bench_model(b, batch, repeats) for name, b in models().items()}
     text = to_markdown(rows, batch, repeats, (load0, os.getloadavg()[0]), time.perf_counter() - start)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "precision.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(text)
-    return path
+    return write_report(out_dir, "precision.md", text)
 
 
 if __name__ == "__main__":

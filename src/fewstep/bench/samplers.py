@@ -27,6 +27,7 @@ from ..denoiser import Denoiser
 from ..samplers.ddim import sample_ddim
 from ..samplers.dpmpp import sample_dpmpp
 from ..schedule import NoiseSchedule
+from . import write_report
 
 MODELS = {
     # google/ddpm-cifar10-32 (Ho et al. 2020 CIFAR-10 model), random weights
@@ -175,12 +176,7 @@ def main(out_dir: str = "experiments/bench", models=("cifar10", "small"), batch:
     if batch < 1 or steps < 2 or repeats < 1:
         raise ValueError(f"need batch >= 1, steps >= 2, repeats >= 1 (got {batch}, {steps}, {repeats})")
     rows = [r for m in models for r in bench_model(m, batch, steps, repeats)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "samplers.md"
-    path.write_text(to_markdown(rows, repeats))
-    print(path.read_text())
-    return path
+    return write_report(out_dir, "samplers.md", to_markdown(rows, repeats))
 
 
 if __name__ == "__main__":
