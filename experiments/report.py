@@ -171,8 +171,11 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
 
 
 def nll_table(dirs):
-    """NLL bound rows straight from each job's metrics.json (single runs have no summary.csv)."""
+    """NLL bound rows straight from each job's metrics.json (single runs have no summary.csv); where the jobs
+    wrote per-image bounds (nll_bpd.npz), each Analytic-DDPM row also paired against the full DDPM bound."""
     import json
+
+    from fewstep.metrics.nll import PER_POINT_FILE, paired_difference
 
     print("| sampler | variance | timesteps | K | NLL (bits/dim) | s.e. | test images |")
     print("|---|---|---|---|---|---|---|")
@@ -183,7 +186,7 @@ def nll_table(dirs):
             ov = (f.parent / ".hydra" / "overrides.yaml").read_text() if (f.parent / ".hydra" / "overrides.yaml").exists() else ""
             traj = "analytic_dp" if "analytic_dp" in ov else "linspace"
             var = "analytic" if m["variance"] == "analytic" else "beta (DDPM)" if "var_type=beta" in ov else "fixed"
-            rows.append((var, traj, m["nll_steps"], m["nll_bpd"], m["nll_n"]))
+            rows.append((var, traj, m["nll_steps"], m["nll_bpd"], m["nll_n"], f.parent / PER_POINT_FILE))
             print(f"| {m['sampler']} | {var} | {traj} | {m['nll_steps']} | {m['nll_bpd']:.3f} | {m['nll_bpd_se']:.3f} | {m['nll_n']} |")
     # the paper's claim: how many steps Analytic-DPM needs to match the full-length DDPM bound
     full = [r for r in rows if r[0] == "beta (DDPM)" and r[1] == "linspace"]
@@ -196,6 +199,17 @@ def nll_table(dirs):
                 hit = next((r for r in cand if r[3] <= ref[3]), None)
                 print(f"Analytic-DDPM, {traj} steps: " + (f"K = {hit[2]} reaches it ({hit[3]:.3f}), {ref[2] / hit[2]:.0f}x fewer steps"
                       if hit else f"no K up to {cand[-1][2]} reaches it (best {min(r[3] for r in cand):.3f})"))
+        paired = [r for r in sorted(rows, key=lambda r: (r[0], r[1], r[2])) if r[0] == "analytic" and r[5].exists()]
+        if paired and ref[5].exists():
+            pr = np.load(ref[5])
+            print(f"\nPaired with DDPM (beta) at K = {ref[2]} image by image (NLL - DDPM's; s.e. of the per-image "
+                  "differences):\n")
+            print("| variance | timesteps | K | NLL - DDPM's (bits/dim) | paired s.e. | images |")
+            print("|---|---|---|---|---|---|")
+            for r in paired:
+                pa = np.load(r[5])
+                d, se, n = paired_difference(pa["index"], pa["bpd"], pr["index"], pr["bpd"])
+                print(f"| {r[0]} | {r[1]} | {r[2]} | {d:+.3f} | {se:.3f} | {n} |")
 
 
 def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):

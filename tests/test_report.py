@@ -140,20 +140,31 @@ def test_single_runs_without_a_summary(report, tmp_path, capsys):
 def test_nll_steps_to_match_the_full_bound(report, tmp_path, capsys):
     import json
 
-    def job(sweep, i, K, bpd, var_overrides):
+    def job(sweep, i, K, bpd, var_overrides, per_image=None):
         d = tmp_path / sweep / f"{i}_K{K}"
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in var_overrides) + "\n")
         variance = "analytic" if "variance=analytic" in var_overrides else "fixed"
         (d / "metrics.json").write_text(json.dumps(dict(sampler="ddpm", variance=variance, nll_steps=K, nll_bpd=bpd,
                                                         nll_bpd_se=0.05, nll_n=100)))
+        if per_image is not None:
+            np.savez(d / "nll_bpd.npz", index=np.arange(100), bpd=per_image)
 
+    spread = np.random.default_rng(0).normal(0, 0.5, 100)           # per-image bounds: image spread + shift
+    spread -= spread.mean()
     for i, (K, bpd) in enumerate([(10, 6.7), (1000, 3.9)]):
-        job("ddpm", i, K, bpd, ["sampler.var_type=beta", "variance=fixed"])
+        job("ddpm", i, K, bpd, ["sampler.var_type=beta", "variance=fixed"], per_image=bpd + spread)
     for i, (K, bpd) in enumerate([(10, 5.5), (50, 4.0), (100, 3.85), (200, 3.7)]):
         job("analytic", i, K, bpd, ["sampler.var_type=beta", "variance=analytic"])
-    job("dp", 0, 10, 4.3, ["variance=analytic", "sampler.timesteps=analytic_dp"])
+    job("dp", 0, 10, 4.3, ["variance=analytic", "sampler.timesteps=analytic_dp"],
+        per_image=4.3 + spread + np.random.default_rng(1).normal(0, 0.01, 100))
     out = run(report, capsys, "nll", str(tmp_path / "ddpm"), str(tmp_path / "analytic"), str(tmp_path / "dp"))
+    # only the job with per-image bounds is paired: a 0.4 gap known to about 0.001, not to the 0.05 s.e.
+    paired = [line for line in out.splitlines() if line.startswith("| analytic")]
+    assert "Paired with DDPM (beta) at K = 1000" in out and len(paired) == 1
+    cells = [c.strip() for c in paired[0].strip("|").split("|")]
+    assert cells[:3] == ["analytic", "analytic_dp", "10"] and cells[5] == "100"
+    assert float(cells[3]) == pytest.approx(0.4, abs=0.005) and 0 < float(cells[4]) < 0.003
     assert "DDPM (beta) at K = 1000: 3.900 bits/dim (100 images)" in out
     assert "Analytic-DDPM, linspace steps: K = 100 reaches it (3.850), 10x fewer steps" in out
     assert "Analytic-DDPM, analytic_dp steps: no K up to 10 reaches it (best 4.300)" in out

@@ -1,6 +1,7 @@
 """Analytic-DPM (variance=analytic, task=gamma, metrics=nll), checked on the 2-D Gaussian mixture whose
 eps(x, t) is exact, so Gamma_t has a reference value computed by numerical integration."""
 import itertools
+import json
 import math
 import os
 import socket
@@ -236,6 +237,27 @@ def test_discrete_nll_of_a_unet_is_a_valid_bound(tiny_unet, schedule):
     assert all(v >= 0 for v in terms["transitions"]) and terms["decoder"] >= 0 and model.nfe == 2 * 3
 
 
+def test_paired_difference_matches_points_by_index():
+    from fewstep.metrics.nll import mean_and_stderr, paired_difference
+
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(1000)[:300]
+    a = rng.normal(4.0, 0.5, 300)                       # the between-image spread ...
+    b = a + 0.1 + rng.normal(0, 0.01, 300)              # ... is shared by a second rule on the same images
+    order = rng.permutation(300)                        # the second run lists its points in another order
+    mean, se, n = paired_difference(idx, a, idx[order], b[order])
+    d = a - b
+    assert n == 300 and mean == pytest.approx(d.mean(), rel=1e-12)
+    assert se == pytest.approx(d.std(ddof=1) / math.sqrt(300), rel=1e-12)
+    assert se < 0.1 * mean_and_stderr(a)[1]             # far tighter than either run's own standard error
+    # only the shared points count; none shared is an error
+    mean, _, n = paired_difference(idx[:200], a[:200], idx[100:], b[100:])
+    assert n == 100 and mean == pytest.approx((a[100:200] - b[100:200]).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="share no data points"):
+        paired_difference([1, 2], [0.0, 0.0], [3], [0.0])
+    assert mean_and_stderr(np.array([2.0]))[1] == math.inf
+
+
 def test_nll_rule_from_config(schedule):
     ddpm = OmegaConf.create({"name": "ddpm", "steps": 10, "var_type": "beta"})
     rule, eta = nll_rule(OmegaConf.create({"name": "fixed"}), ddpm, schedule)
@@ -373,5 +395,32 @@ def test_gamma_task_then_analytic_sampling_and_nll(compose, tmp_path):
     x = sample(cfg.sampler, model, torch.randn(100, 2, generator=torch.Generator().manual_seed(0)), None,
                model.schedule, variance=rule)
     assert x.shape == (100, 2) and torch.isfinite(x).all() and model.nfe == 6
-    out = evaluate_nll(cfg, model, rule)
+    out, points = evaluate_nll(cfg, model, rule)
     assert out["nll_n"] == 200 and out["nll_steps"] == 6 and math.isfinite(out["nll_bpd"]) and out["nll_bpd_se"] > 0
+    # the per-point bounds behind the summary, each with its own index in the split
+    assert points["bpd"].shape == (200,) and len(set(points["index"].tolist())) == 200
+    assert points["bpd"].mean() == pytest.approx(out["nll_bpd"], rel=1e-12)
+    assert points["bpd"].std(ddof=1) / math.sqrt(200) == pytest.approx(out["nll_bpd_se"], rel=1e-12)
+
+
+def test_evaluate_writes_each_points_bound_next_to_metrics(compose, tmp_path):
+    """metrics=nll through the evaluate task: nll_bpd.npz holds the bound of every point, and its mean is the
+    reported nll_bpd; two rules on the same points can then be compared pairwise."""
+    from fewstep.metrics.nll import PER_POINT_FILE, paired_difference
+    from fewstep.tasks import evaluate
+
+    base = ["dataset=gmm", "backbone=gmm_exact", "device=cpu", "logger=none", "sampler=ddpm", "sampler.steps=8",
+            "metrics=nll", "metrics.n_data=120", "n_samples=64", "batch_size=64"]
+    runs = {}
+    for var_type in ("beta", "beta_tilde"):
+        out = tmp_path / var_type
+        res = evaluate.run(compose(base + [f"sampler.var_type={var_type}"]), out=out)
+        pts = np.load(out / PER_POINT_FILE)
+        assert pts["bpd"].shape == (120,) and pts["index"].shape == (120,)
+        assert pts["bpd"].mean() == pytest.approx(res["nll_bpd"], rel=1e-12)
+        assert json.loads((out / "metrics.json").read_text())["nll_n"] == 120
+        runs[var_type] = pts
+    np.testing.assert_array_equal(runs["beta"]["index"], runs["beta_tilde"]["index"])   # the same points
+    diff, se, n = paired_difference(runs["beta"]["index"], runs["beta"]["bpd"],
+                                    runs["beta_tilde"]["index"], runs["beta_tilde"]["bpd"])
+    assert n == 120 and diff == pytest.approx(runs["beta"]["bpd"].mean() - runs["beta_tilde"]["bpd"].mean(), rel=1e-9)

@@ -18,7 +18,9 @@ Each term is estimated with its own draw x_t ~ q(x_t | x_0) (as the official cod
 network calls per batch. Decoder: images in [-1, 1] use the 256-bin discretized Gaussian of Ho et al.
 (edge bins extend to +-inf); vector data (the GMM) use the continuous Gaussian density, so their
 "bits/dim" is a bound on the differential entropy and may be negative. Result: bits/dim = nats / (d ln 2),
-averaged over data points, with the standard error of that mean.
+averaged over data points, with the standard error of that mean. The evaluate task also writes each
+point's bound (and its index in the split) to nll_bpd.npz, so that two runs on the same points can be
+compared pairwise (`paired_difference`; experiments/report.py nll does).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import torch
 
 from ..config import ConfigError
 from ..samplers.ddim import beta_tilde as _beta_tilde
+
+PER_POINT_FILE = "nll_bpd.npz"     # next to metrics.json: index (in the split) and bpd of every point
 
 
 def log_normal_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,17 +85,50 @@ def check_trajectory(timesteps, N: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def nll_bpd(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigma2_rule, *, eta: float = 1.0,
-            decoder_var="clipped", bins: Optional[int] = 256, clip_x0: bool = False,
-            generator: Optional[torch.Generator] = None, return_terms: bool = False, progress: bool = False):
+def nll_bpd(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigma2_rule, *,
+            return_terms: bool = False, **kw):
     """Variational bound in bits/dim over the data points of `x0_batches`: (mean, stderr) [, terms].
+
+    Arguments as `nll_points`; terms (return_terms=True): mean bits/dim of prior, each transition, decoder.
+    """
+    v, tm = nll_points(model, x0_batches, schedule, timesteps, sigma2_rule, **kw)
+    mean_bpd, stderr = mean_and_stderr(v)
+    if return_terms:
+        return mean_bpd, stderr, {"prior": float(tm[0]), "transitions": tm[1:-1].tolist(), "decoder": float(tm[-1])}
+    return mean_bpd, stderr
+
+
+def mean_and_stderr(v: np.ndarray):
+    """Mean and standard error (sample s.d. / sqrt(n); inf for one point) of per-point values."""
+    v = np.asarray(v, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("inf")
+
+
+def paired_difference(index_a, bpd_a, index_b, bpd_b):
+    """Mean and standard error of bpd_a - bpd_b over the data points both runs bounded (matched by their
+    index in the split): the between-image spread cancels, so two bounds on the same images are compared
+    far more precisely than their own standard errors suggest. -> (mean, stderr, number of shared points)."""
+    a = dict(zip(np.asarray(index_a).tolist(), np.asarray(bpd_a, dtype=np.float64).tolist()))
+    b = dict(zip(np.asarray(index_b).tolist(), np.asarray(bpd_b, dtype=np.float64).tolist()))
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        raise ValueError("the two NLL runs share no data points")
+    mean, se = mean_and_stderr(np.array([a[i] - b[i] for i in shared]))
+    return mean, se, len(shared)
+
+
+def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigma2_rule, *, eta: float = 1.0,
+               decoder_var="clipped", bins: Optional[int] = 256, clip_x0: bool = False,
+               generator: Optional[torch.Generator] = None, progress: bool = False):
+    """The variational bound of each data point of `x0_batches`, in bits/dim: (per-point array in batch order,
+    mean bits/dim of each term: prior, transitions, decoder).
 
     model: eps-predictor model(x, t); timesteps: decreasing trajectory t_1 > ... > t_K (t_1 should be N-1);
     sigma2_rule(t, s, lam2) -> sigma2: the reverse variance of jump t -> s (FixedVariance / AnalyticVariance);
     eta: lam2 = eta^2 beta_tilde (1 = DDPM; must be > 0); decoder_var: see `decoder_variance`;
     bins: 256 for images in [-1, 1] (discretized decoder), None for the continuous Gaussian density;
     clip_x0: clamp x0_hat to [-1, 1]; generator: CPU torch.Generator of the x_t draws (fix it to compare
-    rules on the same noise). terms (return_terms=True): mean bits/dim of prior, each transition, decoder.
+    rules on the same noise).
     """
     N = schedule.N
     ts = check_trajectory(timesteps, N)
@@ -152,13 +189,7 @@ def nll_bpd(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigm
         bar.close()
     if n == 0:
         raise ValueError("nll_bpd got no data")
-    v = torch.cat(per_point).numpy()
-    mean_bpd = float(v.mean())
-    stderr = float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
-    if return_terms:
-        tm = term_sums / n
-        return mean_bpd, stderr, {"prior": float(tm[0]), "transitions": tm[1:-1].tolist(), "decoder": float(tm[-1])}
-    return mean_bpd, stderr
+    return torch.cat(per_point).numpy(), term_sums / n
 
 
 # ============================================================================ config wiring
@@ -187,9 +218,10 @@ def _auto(value, default):
     return default if value is None or (isinstance(value, str) and value == "auto") else value
 
 
-def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None, device=None) -> dict:
+def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None, device=None):
     """metrics=nll for the evaluate task: the bound over cfg.metrics.n_data points of cfg.metrics.split,
-    along the sampler's trajectory. Returns {nll_bpd, nll_bpd_se, nll_n, nll_steps}."""
+    along the sampler's trajectory. Returns ({nll_bpd, nll_bpd_se, nll_n, nll_steps},
+    {index: each point's index in the split, bpd: its bound in bits/dim}), the second for `PER_POINT_FILE`."""
     from ..samplers import sampler_timesteps
 
     mc = cfg.metrics
@@ -205,14 +237,18 @@ def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None,
         from ..data import load_dataset
 
         data = load_dataset(cfg.dataset, mc.get("split", "test"))
+    index = torch.arange(len(data))
     if n_data is not None and int(n_data) < len(data):
-        data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: int(n_data)]]
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: int(n_data)]
+        data = data[index]
     image = data.ndim == 4
     bins = _auto(mc.get("bins", "auto"), 256 if image else None)
     clip_x0 = bool(_auto(mc.get("clip_x0", "auto"), image))
     device = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = (data[i: i + bs].to(device) for i in range(0, len(data), bs))
-    mean, se = nll_bpd(model, batches, model.schedule, ts, rule, eta=eta, decoder_var=decoder_var,
-                       bins=None if bins is None else int(bins), clip_x0=clip_x0,
-                       generator=torch.Generator().manual_seed(seed), progress=True)
-    return {"nll_bpd": mean, "nll_bpd_se": se, "nll_n": int(len(data)), "nll_steps": int(len(ts))}
+    v, _ = nll_points(model, batches, model.schedule, ts, rule, eta=eta, decoder_var=decoder_var,
+                      bins=None if bins is None else int(bins), clip_x0=clip_x0,
+                      generator=torch.Generator().manual_seed(seed), progress=True)
+    mean, se = mean_and_stderr(v)
+    return ({"nll_bpd": mean, "nll_bpd_se": se, "nll_n": int(len(data)), "nll_steps": int(len(ts))},
+            {"index": index.numpy().astype(np.int64), "bpd": v})

@@ -16,8 +16,9 @@ trainer.devices=2` with gloo on CPU) go through `fewstep.parallel.run_parallel` 
 * NFE, call counts and sampling time are gathered (time = the slowest rank: the parallel wall time);
   the samples that are written (the grid; all of them with save_samples or for the GMM metrics) are
   gathered to rank 0 in index order;
-* only global rank 0 goes on: MACs, the NLL bound (metrics=nll, computed by rank 0 alone), and it is the
-  only process that writes metrics.json, the grid and the W&B run.
+* only global rank 0 goes on: MACs, the NLL bound (metrics=nll, computed by rank 0 alone; each data
+  point's bound also goes to nll_bpd.npz), and it is the only process that writes metrics.json, the
+  grid and the W&B run.
 
 The single-process path (any trainer with one device and no ddp strategy) runs the same code with
 world = 1 and no process group.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -163,21 +165,26 @@ def evaluate_rank(dist: Dist, cfg):
     for k, c in st["calls"].items():
         result[f"calls_{k.replace('@', '_')}"] = c / n
     result.update(quality)
+    arrays = {}                                   # file name -> named arrays, written next to metrics.json
     if cfg.metrics.name == "nll":
-        from ..metrics.nll import evaluate_nll
+        from ..metrics.nll import PER_POINT_FILE, evaluate_nll
 
-        result.update(evaluate_nll(cfg, model, variance))
+        scalars, arrays[PER_POINT_FILE] = evaluate_nll(cfg, model, variance)
+        result.update(scalars)
     if gmm:
         from ..data import build_mixture
         from ..metrics.gmm_stats import gmm_metrics
 
         result.update(gmm_metrics(samples, build_mixture(cfg.dataset)))
-    return result, samples
+    return result, samples, arrays
 
 
-def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor) -> dict:
-    """The grid (or GMM scatter plot), samples.npz, metrics.json (last, atomically) and the logger's run."""
+def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: Optional[dict] = None) -> dict:
+    """The grid (or GMM scatter plot), samples.npz, `arrays` ({file name: {array name: array}}, e.g. the
+    per-image NLL), metrics.json (last, atomically) and the logger's run."""
     out.mkdir(parents=True, exist_ok=True)
+    for name, named in (arrays or {}).items():
+        np.savez_compressed(out / name, **named)
     images = {}
     if cfg.dataset.name == "gmm":
         if samples.shape[1] == 2:
@@ -234,5 +241,4 @@ def run(cfg, out=None) -> dict:
             return {}
     else:
         payload = evaluate_rank(SINGLE, cfg)
-    result, samples = payload
-    return write_outputs(cfg, out, result, samples)
+    return write_outputs(cfg, out, *payload)
