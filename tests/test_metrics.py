@@ -220,7 +220,7 @@ def test_ref_stats_roundtrip_and_cache_keyed_by_feature_network(tmp_path):
 
 def test_bad_metrics_options_are_one_line_value_errors():
     for key, val in (("feature", "clip"), ("pr_k", 0), ("ref_max_images", 1), ("pr_dtype", "int8"),
-                     ("ref_split", "val")):
+                     ("ref_split", "val"), ("fid_bootstrap", -1)):
         with pytest.raises(ValueError, match=f"metrics.{key}"):
             check_metrics_cfg(compose(**{key: val}).metrics)
 
@@ -247,7 +247,8 @@ def test_train_classifier_task_then_metrics_on_digits(tmp_path):
     for i in range(0, 200, 64):
         metrics.update(test[i:min(i + 64, 200)])
     real = metrics.compute()
-    assert set(real) >= {"feature", "fid", "precision", "recall", "inception_score", "classifier_test_accuracy"}
+    assert set(real) >= {"feature", "fid", "precision", "recall", "inception_score", "classifier_test_accuracy", "fid_se"}
+    assert 0 < real["fid_se"] < real["fid"]
     assert real["n_fake"] == 200 and real["pr_rows"] == 200
     metrics.reset()
     metrics.update(torch.rand(200, 1, 8, 8) * 2 - 1)
@@ -259,6 +260,11 @@ def test_train_classifier_task_then_metrics_on_digits(tmp_path):
     out = fid_only.compute()
     assert "precision" not in out and "inception_score" not in out
     assert out["n_fake"] == 200 and out["fid"] == pytest.approx(real["fid"], rel=1e-6)
+    assert out["fid_se"] == pytest.approx(real["fid_se"], rel=1e-6)      # the rows are kept for the bootstrap alone
+    m.metrics.merge_with({"fid_bootstrap": 0})
+    no_se = Metrics(m.metrics, m.dataset, "cpu")
+    no_se.update(test[:200])
+    assert "fid_se" not in no_se.compute()
 
 
 @pytest.mark.skipif(not (ROOT / "checkpoints/fashion_mnist/classifier/config.json").exists(),
@@ -286,3 +292,40 @@ def test_shipped_fashion_mnist_classifier_and_ref_stats_need_no_dataset(monkeypa
         metrics.reset()
         metrics.update(torch.rand(500, 1, 28, 28) * 2 - 1)
         assert metrics.compute()["fid"] > 10 * real["fid"] and real["precision"] > 0.5
+
+
+# --------------------------------------------------------------------------- FID's standard error
+
+def test_frechet_to_reference_equals_scipy_frechet_distance():
+    from fewstep.metrics.fid import FrechetToReference
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(3000, 6)) @ rng.normal(size=(6, 6))
+    x = torch.from_numpy(rng.normal(0.4, 1.3, size=(800, 6)) @ rng.normal(size=(6, 6)))
+    mu_r, cov_r = ref.mean(0), np.cov(ref, rowvar=False)
+    direct = frechet_distance(x.numpy().mean(0), np.cov(x.numpy(), rowvar=False), mu_r, cov_r)
+    assert FrechetToReference(mu_r, cov_r)(x) == pytest.approx(direct, rel=1e-9)
+
+
+def test_bootstrap_fid_se_matches_the_spread_over_independent_draws():
+    """The truth: the standard deviation of the FID over many independent sets of n samples from the same
+    distribution; the bootstrap sees one set only and must land near it."""
+    from fewstep.metrics import bootstrap_fid_se
+    from fewstep.metrics.fid import FrechetToReference
+
+    d, n = 4, 400
+    mu_ref, cov_ref = np.zeros(d), np.eye(d)
+    scale = torch.tensor([1.5, 1.2, 1.0, 0.8], dtype=torch.float64)
+    draw = lambda g: torch.randn(n, d, generator=g, dtype=torch.float64) * scale + 0.3   # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    fd = FrechetToReference(mu_ref, cov_ref)
+    truth = float(np.std([fd(draw(g)) for _ in range(400)], ddof=1))
+    boots = [bootstrap_fid_se(draw(g), mu_ref, cov_ref, n_boot=200, seed=i) for i in range(8)]
+    assert np.mean(boots) == pytest.approx(truth, rel=0.2)
+    # the same rows and seed give the same answer; 4x the samples halve it
+    x = draw(g)
+    assert bootstrap_fid_se(x, mu_ref, cov_ref, 50, seed=3) == bootstrap_fid_se(x, mu_ref, cov_ref, 50, seed=3)
+    big = torch.cat([draw(g) for _ in range(4)])
+    assert bootstrap_fid_se(big, mu_ref, cov_ref, 200) == pytest.approx(np.mean(boots) / 2, rel=0.3)
+    with pytest.raises(ValueError, match="n_boot >= 2"):
+        bootstrap_fid_se(x, mu_ref, cov_ref, n_boot=1)

@@ -16,6 +16,7 @@ in compute(). Cost (NFE, MACs) lives in fewstep.metrics.cost.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -24,10 +25,13 @@ from torchmetrics.utilities import dim_zero_cat
 
 from .cost import count_macs, macs_per_call, run_cost
 from .features import FEATURES, build_feature, inception_preprocess, quantize
-from .fid import FID, RefStats, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score, ref_stats_path
+from .fid import (FID, RefStats, bootstrap_fid_se, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score,
+                  ref_stats_path)
 from .precision_recall import precision_recall
 
-__all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "build_feature", "compute_ref_stats", "count_macs",
+log = logging.getLogger(__name__)
+
+__all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "bootstrap_fid_se", "build_feature", "compute_ref_stats", "count_macs",
            "ensure_ref_stats", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call",
            "precision_recall", "quantize", "ref_stats_path", "run_cost", "check_metrics_cfg"]
 
@@ -49,7 +53,8 @@ def check_metrics_cfg(cfg_metrics) -> None:
     g = cfg_metrics.get
     if g("feature", "classifier") not in FEATURES:
         raise ValueError(f"unknown metrics.feature '{g('feature')}' (choose from {', '.join(FEATURES)})")
-    for key, lo in (("pr_k", 1), ("pr_rows", 2), ("pr_max_fake", 2), ("is_splits", 1), ("feature_batch", 1)):
+    for key, lo in (("pr_k", 1), ("pr_rows", 2), ("pr_max_fake", 2), ("is_splits", 1), ("feature_batch", 1),
+                    ("fid_bootstrap", 0)):
         v = g(key)
         if v is not None and (not isinstance(v, int) or v < lo):
             raise ValueError(f"metrics.{key} must be an integer >= {lo}, got {v}")
@@ -115,7 +120,9 @@ class Metrics:
         self.fid = FID(self.extractor).to(self.device)
         if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
             self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
-        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is) else 0   # 0: only count samples
+        self.n_boot = int(g("fid_bootstrap", 0) or 0)
+        self.seed = int(g("seed", 0))
+        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is or self.n_boot) else 0   # 0: only count
         self.bank = FeatureBank(keep).to(self.device)
         self.min_samples = max(2, self.k + 1 if self.do_pr else 2, self.is_splits if self.do_is else 2)
 
@@ -147,6 +154,10 @@ class Metrics:
             raise ValueError(f"metrics need at least {self.min_samples} generated samples "
                              f"(FID 2, precision/recall k+1={self.k + 1}, IS splits={self.is_splits}), got {n_fake}")
         out = {"feature": self.extractor.name, "fid": float(self.fid.compute()), "n_fake": n_fake, "n_ref": self.ref.n}
+        if self.n_boot and len(feats) == n_fake:          # every generated row kept (pr_max_fake >= n_samples)
+            out["fid_se"] = bootstrap_fid_se(feats, self.ref.mu, self.ref.cov, self.n_boot, self.seed)
+        elif self.n_boot:
+            log.warning("no fid_se: %d of %d generated feature rows kept (raise metrics.pr_max_fake)", len(feats), n_fake)
         if self.do_pr:
             real = torch.from_numpy(self.ref.pr_features).to(self.device)
             m = min(len(real), len(feats)) if self.pr_equal_sizes else None

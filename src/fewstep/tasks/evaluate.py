@@ -202,7 +202,7 @@ def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: O
         logger.log(result, images)
     finally:
         logger.finish()
-    print_table(result, [k for k in ("nfe", "macs_per_sample", "wall_time_s", "images_per_s", "fid", "precision",
+    print_table(result, [k for k in ("nfe", "macs_per_sample", "wall_time_s", "images_per_s", "fid", "fid_se", "precision",
                                      "recall", "inception_score", "nll_bpd", "nll_bpd_se", "mean_err", "cov_err", "data_loglik") if k in result])
     print(f"[fewstep] results in {out}")
     return result
