@@ -6,6 +6,7 @@
     python experiments/report.py fit_rho multirun/rho_vs_steps
     python experiments/report.py nll     multirun/analytic_nll multirun/analytic_nll_dp
     python experiments/report.py plot    multirun/rho_sweep_* --x rho_bottom --y fid --hue sampler nfe --out experiments/figures/rho_sweep.png
+    python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
 
 Every number in experiments/README.md is what one of these commands printed.
 """
@@ -212,6 +213,35 @@ def nll_table(dirs):
                 print(f"| {r[0]} | {r[1]} | {r[2]} | {d:+.3f} | {se:.3f} | {n} |")
 
 
+def fid_diff(dirs, n_boot: int = 200):
+    """FIDs of runs made with save_features=true, each against the first: the difference and its paired
+    bootstrap standard error (the runs must share their samples' indices: same seed and n_samples)."""
+    import torch
+
+    from fewstep.metrics.fid import RefStats, bootstrap_fid_se, paired_fid_difference
+    from fewstep.tasks.evaluate import FEATURES_FILE
+
+    files = []
+    for d in map(Path, dirs):
+        found = [d / FEATURES_FILE] if (d / FEATURES_FILE).exists() else sorted(d.glob(f"*/{FEATURES_FILE}"))
+        if not found:
+            raise SystemExit(f"no {FEATURES_FILE} in {d} or its job folders (run with save_features=true)")
+        files += found
+    runs = [np.load(f) for f in files]
+    refs = {str(r["ref_stats"]) for r in runs}
+    if len(refs) > 1:
+        raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
+    ref = RefStats.load(refs.pop())
+    base = torch.from_numpy(runs[0]["features"])
+    print(f"| run | FID | fid_se | FID - FID of {files[0].parent.name} | paired s.e. |")
+    print("|---|---|---|---|---|")
+    for f, r in zip(files, runs):
+        x = torch.from_numpy(r["features"])
+        se = bootstrap_fid_se(x, ref.mu, ref.cov, n_boot)
+        d, dse = paired_fid_difference(x, base, ref.mu, ref.cov, n_boot) if f != files[0] else (0.0, 0.0)
+        print(f"| {f.parent.name} | {float(r['fid']):.2f} | {se:.2f} | {d:+.2f} | {dse:.2f} |")
+
+
 def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
     """One line of y against x per value of the hue columns, written to out (png)."""
     import matplotlib
@@ -240,7 +270,7 @@ def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -257,6 +287,8 @@ def main():
     a = p.parse_args()
     if a.mode == "nll":
         return nll_table(a.dirs)
+    if a.mode == "fid_diff":
+        return fid_diff(a.dirs)
     df = load(a.dirs)
     for cond in a.where:
         key, _, value = cond.partition("=")

@@ -329,3 +329,30 @@ def test_bootstrap_fid_se_matches_the_spread_over_independent_draws():
     assert bootstrap_fid_se(big, mu_ref, cov_ref, 200) == pytest.approx(np.mean(boots) / 2, rel=0.3)
     with pytest.raises(ValueError, match="n_boot >= 2"):
         bootstrap_fid_se(x, mu_ref, cov_ref, n_boot=1)
+
+
+def test_paired_fid_difference_cancels_the_shared_noise():
+    """Two 'samplers' that map the same noise to nearby features: their FIDs differ by a small shift whose
+    paired standard error is far below either run's own; identical runs differ by exactly 0."""
+    from fewstep.metrics import bootstrap_fid_se, paired_fid_difference
+    from fewstep.metrics.fid import FrechetToReference
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 4, 1000
+    mu_ref, cov_ref = np.zeros(d), np.eye(d)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    a = 1.3 * z + 0.2
+    b = 1.3 * z + 0.25 + 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    fd = FrechetToReference(mu_ref, cov_ref)
+    diff, se = paired_fid_difference(a, b, mu_ref, cov_ref, n_boot=200)
+    assert diff == pytest.approx(fd(a) - fd(b), rel=1e-12)
+    assert 0 < se < 0.25 * bootstrap_fid_se(a, mu_ref, cov_ref, 200)
+    assert paired_fid_difference(a, a.clone(), mu_ref, cov_ref, n_boot=20) == (0.0, 0.0)
+    # the truth for the difference: its spread over independent noise draws
+    truth = []
+    for _ in range(200):
+        z = torch.randn(n, d, generator=g, dtype=torch.float64)
+        truth.append(fd(1.3 * z + 0.2) - fd(1.3 * z + 0.25 + 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)))
+    assert se == pytest.approx(float(np.std(truth, ddof=1)), rel=0.3)
+    with pytest.raises(ValueError, match="same samples"):
+        paired_fid_difference(a, b[:-1], mu_ref, cov_ref)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,3 +226,31 @@ def test_committed_readme_keeps_every_template_line(build_readme):
                                          (152.98, "153.0"), (float("nan"), ""), (None, ""), ("ddim", "ddim")])
 def test_fmt_keeps_the_precision_of_every_cell(report, value, text):
     assert report.fmt(value) == text
+
+
+def test_fid_diff_pairs_runs_by_their_saved_features(report, tmp_path, capsys):
+    from fewstep.metrics.fid import FrechetToReference, RefStats
+
+    g = np.random.default_rng(0)
+    ref = RefStats(mu=np.zeros(3), cov=np.eye(3), n=10000, pr_features=np.zeros((2, 3)))
+    ref_path = ref.save(tmp_path / "ref.npz")
+    z = g.normal(size=(500, 3))
+    fd = FrechetToReference(ref.mu, ref.cov)
+    runs = {"0_base": 1.2 * z, "1_wider": 1.3 * z}
+    for name, x in runs.items():
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        np.savez(tmp_path / "sweep" / name / "features.npz", features=x.astype(np.float32),
+                 ref_stats=np.array(str(ref_path)), fid=np.float64(fd(torch.from_numpy(x))))
+    out = run(report, capsys, "fid_diff", str(tmp_path / "sweep"))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["0_base", "1_wider"] and rows[0][3:] == ["+0.00", "0.00"]
+    fids = {k: fd(torch.from_numpy(x)) for k, x in runs.items()}
+    assert float(rows[1][3]) == pytest.approx(fids["1_wider"] - fids["0_base"], abs=0.006)
+    # the same samples, scaled: the difference is far surer than either run's own FID
+    assert float(rows[1][4]) < 0.5 * float(rows[1][2])
+    np.savez(tmp_path / "sweep" / "1_wider" / "features.npz", features=z[:10].astype(np.float32),
+             ref_stats=np.array(str(tmp_path / "other.npz")), fid=np.float64(0))
+    with pytest.raises(SystemExit, match="different reference statistics"):
+        run(report, capsys, "fid_diff", str(tmp_path / "sweep"))
+    with pytest.raises(SystemExit, match="save_features=true"):
+        run(report, capsys, "fid_diff", str(tmp_path / "nothing"))

@@ -26,13 +26,13 @@ from torchmetrics.utilities import dim_zero_cat
 from .cost import count_macs, macs_per_call, run_cost
 from .features import FEATURES, build_feature, inception_preprocess, quantize
 from .fid import (FID, RefStats, bootstrap_fid_se, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score,
-                  ref_stats_path)
+                  paired_fid_difference, ref_stats_path)
 from .precision_recall import precision_recall
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "bootstrap_fid_se", "build_feature", "compute_ref_stats", "count_macs",
-           "ensure_ref_stats", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call",
+           "ensure_ref_stats", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call", "paired_fid_difference",
            "precision_recall", "quantize", "ref_stats_path", "run_cost", "check_metrics_cfg"]
 
 
@@ -100,9 +100,10 @@ class Metrics:
     """FID, precision/recall and Inception Score of generated images against cached real statistics.
 
     cfg_metrics: conf/metrics/*.yaml (see default.yaml for every option); cfg_dataset: conf/dataset.
-    With `fid: false` it does nothing and compute() returns {}."""
+    keep_rows: keep the generated feature rows (up to pr_max_fake) even if no metric needs them, for
+    `fake_features` (save_features=true). With `fid: false` it does nothing and compute() returns {}."""
 
-    def __init__(self, cfg_metrics, cfg_dataset, device="cpu"):
+    def __init__(self, cfg_metrics, cfg_dataset, device="cpu", keep_rows: bool = False):
         check_metrics_cfg(cfg_metrics)
         self.cfg = cfg_metrics
         self.device = _device(device)
@@ -117,12 +118,14 @@ class Metrics:
         self.extractor = build_feature(cfg_metrics, self.device)
         self.do_is = bool(g("inception_score", True)) and self.extractor.has_logits
         self.ref = ensure_ref_stats(cfg_metrics, cfg_dataset, self.extractor, self.device)
+        self.ref_path = ref_stats_path(cfg_metrics, cfg_dataset, self.extractor.name)
+        self.fake_features = None       # after compute(): the generated rows kept (in sample order), N x D
         self.fid = FID(self.extractor).to(self.device)
         if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
             self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
         self.n_boot = int(g("fid_bootstrap", 0) or 0)
         self.seed = int(g("seed", 0))
-        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is or self.n_boot) else 0   # 0: only count
+        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is or self.n_boot or keep_rows) else 0
         self.bank = FeatureBank(keep).to(self.device)
         self.min_samples = max(2, self.k + 1 if self.do_pr else 2, self.is_splits if self.do_is else 2)
 
@@ -150,11 +153,12 @@ class Metrics:
         if not self.enabled:
             return {}
         n_fake, feats, logits = self.bank.compute()
+        self.fake_features = feats
         if n_fake < self.min_samples:
             raise ValueError(f"metrics need at least {self.min_samples} generated samples "
                              f"(FID 2, precision/recall k+1={self.k + 1}, IS splits={self.is_splits}), got {n_fake}")
         out = {"feature": self.extractor.name, "fid": float(self.fid.compute()), "n_fake": n_fake, "n_ref": self.ref.n}
-        if self.n_boot and len(feats) == n_fake:          # every generated row kept (pr_max_fake >= n_samples)
+        if self.n_boot and feats is not None and len(feats) == n_fake:   # every row kept (pr_max_fake >= n_samples)
             out["fid_se"] = bootstrap_fid_se(feats, self.ref.mu, self.ref.cov, self.n_boot, self.seed)
         elif self.n_boot:
             log.warning("no fid_se: %d of %d generated feature rows kept (raise metrics.pr_max_fake)", len(feats), n_fake)

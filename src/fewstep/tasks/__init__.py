@@ -18,6 +18,12 @@ def validate(cfg) -> None:
     """Cheap checks of everything the user can mistype; raises ValueError with one line."""
     check(int(cfg.n_samples) >= 1, f"n_samples must be >= 1 (got {cfg.n_samples})")
     check(int(cfg.batch_size) >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    if cfg.get("save_features", False):
+        m = cfg.metrics
+        check(bool(m.get("fid", False)), f"save_features=true needs feature metrics (metrics={m.name} has none)")
+        cap = int(m.get("pr_max_fake", 10000))
+        check(int(cfg.n_samples) <= cap, f"save_features=true keeps at most metrics.pr_max_fake={cap} rows "
+                                          f"(got n_samples={cfg.n_samples}): raise metrics.pr_max_fake")
     from ..denoiser import autocast_dtype
 
     autocast_dtype(cfg.get("autocast", None))

@@ -37,6 +37,8 @@ from ..build import build_denoiser, resolve_device, sample_shape
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8, write_json_atomic
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
 from ..samplers import DEFAULT_SPACING, sample
+
+FEATURES_FILE = "features.npz"     # save_features=true: the samples' feature rows (sample order), for paired FIDs
 from ..samplers.noise import SampleNoise
 
 
@@ -55,7 +57,7 @@ def build_metrics(cfg, device):
     if cfg.metrics.get("fid", False):
         from ..metrics import Metrics
 
-        return Metrics(cfg.metrics, cfg.dataset, device)
+        return Metrics(cfg.metrics, cfg.dataset, device, keep_rows=bool(cfg.get("save_features", False)))
     return None
 
 
@@ -166,6 +168,9 @@ def evaluate_rank(dist: Dist, cfg):
         result[f"calls_{k.replace('@', '_')}"] = c / n
     result.update(quality)
     arrays = {}                                   # file name -> named arrays, written next to metrics.json
+    if cfg.get("save_features", False) and metrics is not None and metrics.enabled:
+        arrays[FEATURES_FILE] = {"features": metrics.fake_features.cpu().numpy().astype(np.float32),
+                                 "ref_stats": np.array(str(metrics.ref_path.resolve())), "fid": np.float64(result["fid"])}
     if cfg.metrics.name == "nll":
         from ..metrics.nll import PER_POINT_FILE, evaluate_nll
 
