@@ -195,7 +195,7 @@ def nll_table(dirs):
         ref = max(full, key=lambda r: r[2])
         print(f"\nDDPM (beta) at K = {ref[2]}: {ref[3]:.3f} bits/dim ({ref[4]} images)")
         for traj in ("linspace", "analytic_dp"):
-            cand = sorted(r for r in rows if r[0] == "analytic" and r[1] == traj and r[4] == ref[4])
+            cand = sorted(r for r in rows if r[0] == "analytic" and r[1] == traj and r[4] == ref[4] and r[2] < ref[2])
             if cand:
                 hit = next((r for r in cand if r[3] <= ref[3]), None)
                 print(f"Analytic-DDPM, {traj} steps: " + (f"K = {hit[2]} reaches it ({hit[3]:.3f}), {ref[2] / hit[2]:.0f}x fewer steps"
@@ -216,6 +216,8 @@ def nll_table(dirs):
 def fid_diff(dirs, n_boot: int = 200):
     """FIDs of runs made with save_features=true, each against the first: the difference and its paired
     bootstrap standard error (the runs must share their samples' indices: same seed and n_samples)."""
+    import json
+
     import torch
 
     from fewstep.metrics.fid import RefStats, bootstrap_fid_se, paired_fid_difference
@@ -237,7 +239,9 @@ def fid_diff(dirs, n_boot: int = 200):
     print("|---|---|---|---|---|")
     for f, r in zip(files, runs):
         x = torch.from_numpy(r["features"])
-        se = bootstrap_fid_se(x, ref.mu, ref.cov, n_boot)
+        m = f.parent / "metrics.json"          # the run's own fid_se where it recorded one
+        se = json.loads(m.read_text()).get("fid_se") if m.exists() else None
+        se = se if se is not None else bootstrap_fid_se(x, ref.mu, ref.cov, n_boot)
         d, dse = paired_fid_difference(x, base, ref.mu, ref.cov, n_boot) if f != files[0] else (0.0, 0.0)
         print(f"| {f.parent.name} | {float(r['fid']):.2f} | {se:.2f} | {d:+.2f} | {dse:.2f} |")
 
