@@ -117,6 +117,7 @@ def paired_difference(index_a, bpd_a, index_b, bpd_b):
     return mean, se, len(shared)
 
 
+@torch.no_grad()
 def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigma2_rule, *, eta: float = 1.0,
                decoder_var="clipped", bins: Optional[int] = 256, clip_x0: bool = False,
                generator: Optional[torch.Generator] = None, progress: bool = False):
