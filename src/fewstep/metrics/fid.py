@@ -113,7 +113,7 @@ def bootstrap_fid_se(feats: torch.Tensor, mu_ref, cov_ref, n_boot: int = 100, se
     n_boot resamples of the N rows with replacement, the reference statistics held fixed (they come from the
     far larger real set). It measures how much the FID would move with another draw of N samples from the
     same sampler -- the noise to compare two FIDs by (about sqrt(2) x this for two independent runs)."""
-    return float(np.std(_bootstrap(mu_ref, cov_ref, n_boot, seed, feats), ddof=1))
+    return float(np.std(_bootstrap(FrechetToReference(mu_ref, cov_ref), n_boot, seed, feats), ddof=1))
 
 
 def paired_fid_difference(feats_a: torch.Tensor, feats_b: torch.Tensor, mu_ref, cov_ref, n_boot: int = 200,
@@ -126,15 +126,14 @@ def paired_fid_difference(feats_a: torch.Tensor, feats_b: torch.Tensor, mu_ref, 
                          f"{tuple(feats_b.shape)}")
     fd = FrechetToReference(mu_ref, cov_ref)
     diff = fd(feats_a) - fd(feats_b)
-    reps = _bootstrap(mu_ref, cov_ref, n_boot, seed, feats_a, feats_b)
+    reps = _bootstrap(fd, n_boot, seed, feats_a, feats_b)
     return float(diff), float(np.std(reps[:, 0] - reps[:, 1], ddof=1))
 
 
-def _bootstrap(mu_ref, cov_ref, n_boot: int, seed: int, *feats: torch.Tensor) -> np.ndarray:
-    """n_boot x len(feats) FIDs of row resamples with replacement; the same rows for every feature set."""
+def _bootstrap(fd: FrechetToReference, n_boot: int, seed: int, *feats: torch.Tensor) -> np.ndarray:
+    """n_boot x len(feats) FIDs (by fd) of row resamples with replacement; the same rows for every feature set."""
     if n_boot < 2:
         raise ValueError(f"the bootstrap needs n_boot >= 2 resamples (got {n_boot})")
-    fd = FrechetToReference(mu_ref, cov_ref)
     xs = [f.detach().cpu().to(torch.float64) for f in feats]
     n = len(xs[0])
     gen = torch.Generator().manual_seed(int(seed))

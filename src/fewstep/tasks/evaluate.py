@@ -37,9 +37,9 @@ from ..build import build_denoiser, resolve_device, sample_shape
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8, write_json_atomic
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
 from ..samplers import DEFAULT_SPACING, sample
+from ..samplers.noise import SampleNoise
 
 FEATURES_FILE = "features.npz"     # save_features=true: the samples' feature rows (sample order), for paired FIDs
-from ..samplers.noise import SampleNoise
 
 
 def build_variance_rule(cfg, model):
