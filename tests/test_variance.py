@@ -92,7 +92,8 @@ def _dist_worker(rank, world, port, x0, path, kw, schedule, mixture):
 
 
 def test_distributed_shards_and_all_reduces(model, mixture, schedule, tmp_path):
-    """Two gloo processes: rank r takes points r, r+2, ...; the file holds the sum of both shards' statistics."""
+    """Two gloo processes: rank r takes points r, r+2, ...; the file holds the sum of both shards' statistics.
+    Spawned, as parallel.py does: a forked child hangs in the parent's OpenMP pool once the parent has used it."""
     import torch.multiprocessing as mp
 
     x0 = mixture.sample(40, torch.Generator().manual_seed(4))
@@ -101,7 +102,7 @@ def test_distributed_shards_and_all_reduces(model, mixture, schedule, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.start_processes(_dist_worker, args=(2, port, x0, tmp_path / "g.pt", kw, schedule, mixture), nprocs=2,
-                             start_method="fork", join=False)
+                             start_method="spawn", join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
