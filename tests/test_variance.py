@@ -209,7 +209,7 @@ def test_analytic_nll_beats_fixed_variances(model, mixture, schedule):
     rules = {"analytic": AnalyticVariance(schedule, gamma, ts.astype(int), data_range=None),
              "beta": FixedVariance(schedule, "beta"), "beta_tilde": FixedVariance(schedule, "lam2")}
     x0 = mixture.sample(1000, torch.Generator().manual_seed(8))
-    out = {k: nll_bpd(model, batches(x0, 500), schedule, ts, r, bins=None, generator=torch.Generator().manual_seed(9),
+    out = {k: nll_bpd(model, batches(x0, 500), schedule, ts, r, bins=None, seed=9,
                       return_terms=True) for k, r in rules.items()}
     (a, a_se, a_terms), (b, _, b_terms), (bt, _, bt_terms) = out["analytic"], out["beta"], out["beta_tilde"]
     assert a < b - 2 * a_se and a < bt - 2 * a_se
@@ -223,6 +223,30 @@ def test_analytic_nll_beats_fixed_variances(model, mixture, schedule):
     assert a_terms["decoder"] == b_terms["decoder"] == bt_terms["decoder"]
     with pytest.raises(ValueError, match="eta > 0"):
         nll_bpd(model, [x0], schedule, ts, rules["beta"], eta=0.0)
+
+
+def test_nll_noise_follows_each_point_not_the_batches(model, mixture, schedule):
+    """Point i's x_t draws come from (seed, i): its bound is the same in any batch layout, and the same for
+    the same index in another subset; another seed gives other draws."""
+    from fewstep.metrics.nll import nll_points
+
+    ts = select_timesteps(schedule, 5, "linspace")
+    rule = FixedVariance(schedule, "beta")
+    x0 = mixture.sample(12, torch.Generator().manual_seed(8))
+    idx = list(range(100, 112))
+    kw = dict(bins=None, seed=3)
+    whole, terms = nll_points(model, [x0], schedule, ts, rule, indices=idx, **kw)
+    split, _ = nll_points(model, batches(x0, 5), schedule, ts, rule, indices=idx, **kw)
+    np.testing.assert_allclose(split, whole, rtol=1e-12)
+    order = [7, 2, 11, 0]                              # a subset, in another order, bounded alone
+    sub, _ = nll_points(model, [x0[order]], schedule, ts, rule, indices=[idx[i] for i in order], **kw)
+    np.testing.assert_allclose(sub, whole[order], rtol=1e-12)
+    other, _ = nll_points(model, [x0], schedule, ts, rule, indices=idx, bins=None, seed=4)
+    assert not np.allclose(other, whole)
+    shifted, _ = nll_points(model, [x0], schedule, ts, rule, **kw)     # default indices 0..11: other draws
+    assert not np.allclose(shifted, whole)
+    with pytest.raises(ValueError, match="11 indices"):
+        nll_points(model, batches(x0, 5), schedule, ts, rule, indices=idx[:11], **kw)
 
 
 def test_discrete_nll_of_a_unet_is_a_valid_bound(tiny_unet, schedule):
@@ -425,3 +449,11 @@ def test_evaluate_writes_each_points_bound_next_to_metrics(compose, tmp_path):
     diff, se, n = paired_difference(runs["beta"]["index"], runs["beta"]["bpd"],
                                     runs["beta_tilde"]["index"], runs["beta_tilde"]["bpd"])
     assert n == 120 and diff == pytest.approx(runs["beta"]["bpd"].mean() - runs["beta_tilde"]["bpd"].mean(), rel=1e-9)
+    # fewer points in smaller batches: the points it shares with the first run get the same bounds
+    out = tmp_path / "subset"
+    evaluate.run(compose(base[:-3] + ["sampler.var_type=beta", "metrics.n_data=50", "metrics.batch_size=16",
+                                      "n_samples=64", "batch_size=64"]), out=out)
+    sub = np.load(out / PER_POINT_FILE)
+    assert set(sub["index"].tolist()) < set(runs["beta"]["index"].tolist())
+    full = dict(zip(runs["beta"]["index"].tolist(), runs["beta"]["bpd"].tolist()))
+    np.testing.assert_allclose(sub["bpd"], [full[i] for i in sub["index"].tolist()], rtol=1e-12)

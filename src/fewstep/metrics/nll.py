@@ -15,7 +15,9 @@ Gaussian with x_0 replaced by x0_hat(x_t) and variance sigma2 = rule(t, s, lam2)
     c = sqrt(ab_s) - sqrt((bb_s - lam2) ab_t / bb_t).
 
 Each term is estimated with its own draw x_t ~ q(x_t | x_0) (as the official code does), so a bound costs K
-network calls per batch. Decoder: images in [-1, 1] use the 256-bin discretized Gaussian of Ho et al.
+network calls per batch. Data point i draws its noise from its own generator, seeded from (seed, i) with i
+its index in the split (samplers/noise.py), so a point's bound does not depend on the batch size, the batch
+order or which other points are bounded with it. Decoder: images in [-1, 1] use the 256-bin discretized Gaussian of Ho et al.
 (edge bins extend to +-inf); vector data (the GMM) use the continuous Gaussian density, so their
 "bits/dim" is a bound on the differential entropy and may be negative. Result: bits/dim = nats / (d ln 2),
 averaged over data points, with the standard error of that mean. The evaluate task also writes each
@@ -25,15 +27,17 @@ compared pairwise (`paired_difference`; experiments/report.py nll does).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
 from ..samplers.ddim import beta_tilde as _beta_tilde
+from ..samplers.noise import SampleNoise
 
 PER_POINT_FILE = "nll_bpd.npz"     # next to metrics.json: index (in the split) and bpd of every point
+NLL_NOISE_STREAM = 1               # the x_t draws of point i: stream 1 of (seed, i), apart from the samplers' 0
 
 
 def log_normal_interval(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,8 +123,8 @@ def paired_difference(index_a, bpd_a, index_b, bpd_b):
 
 @torch.no_grad()
 def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, sigma2_rule, *, eta: float = 1.0,
-               decoder_var="clipped", bins: Optional[int] = 256, clip_x0: bool = False,
-               generator: Optional[torch.Generator] = None, progress: bool = False):
+               decoder_var="clipped", bins: Optional[int] = 256, clip_x0: bool = False, seed: int = 0,
+               indices: Optional[Sequence[int]] = None, progress: bool = False):
     """The variational bound of each data point of `x0_batches`, in bits/dim: (per-point array in batch order,
     mean bits/dim of each term: prior, transitions, decoder).
 
@@ -128,8 +132,9 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
     sigma2_rule(t, s, lam2) -> sigma2: the reverse variance of jump t -> s (FixedVariance / AnalyticVariance);
     eta: lam2 = eta^2 beta_tilde (1 = DDPM; must be > 0); decoder_var: see `decoder_variance`;
     bins: 256 for images in [-1, 1] (discretized decoder), None for the continuous Gaussian density;
-    clip_x0: clamp x0_hat to [-1, 1]; generator: CPU torch.Generator of the x_t draws (fix it to compare
-    rules on the same noise).
+    clip_x0: clamp x0_hat to [-1, 1]; seed, indices: the x_t draws of the n-th point (in batch order) come
+    from its own generator seeded from (seed, indices[n]) (indices default 0, 1, ...; pass each point's index
+    in the split). The same seed gives every rule the same noise on the same point.
     """
     N = schedule.N
     ts = check_trajectory(timesteps, N)
@@ -138,7 +143,6 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
                          f"the forward posterior is a point mass and every transition KL is infinite")
     if bins is not None and int(bins) < 2:
         raise ValueError(f"bins must be >= 2 or None (got {bins})")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     ab = lambda t: float(schedule.alpha_bar_at(t))  # noqa: E731
     jumps = list(zip(ts[:-1], ts[1:]))
     plan = []                                              # (t, s, lam2, sigma2, c) of each transition
@@ -153,8 +157,8 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
         plan.append((float(t), float(s), lam2, sigma2, c))
     var0 = decoder_variance(decoder_var, schedule, float(ts[-1]), sigma2_rule)
 
-    def x0_hat(x0, t):
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    def x0_hat(x0, t, noise):
+        eps = noise().to(x0.dtype)
         a = ab(t)
         x_t = math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
         e = model(x_t, float(t)).to(torch.float64)
@@ -168,28 +172,34 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
 
         bar = tqdm(desc="NLL", unit="batch", dynamic_ncols=True)
     for x0 in x0_batches:
-        d = x0[0].numel()
+        B, d = x0.shape[0], x0[0].numel()
+        idx = range(n, n + B) if indices is None else [int(i) for i in indices[n: n + B]]
+        if len(idx) != B:
+            raise ValueError(f"nll_points: {len(indices)} indices, fewer than the data points")
+        noise = SampleNoise(seed, idx, x0.shape[1:], device=x0.device, stream=NLL_NOISE_STREAM)
         x64 = x0.to(torch.float64)
         terms = []
         a_T = ab(ts[0])                                  # prior: KL(N(sqrt(ab_T) x_0, bb_T) || N(0, 1))
         terms.append(0.5 * (d * ((1 - a_T) - 1 - math.log(1 - a_T)) + a_T * x64.flatten(1).pow(2).sum(1)))
         for t, s, lam2, sigma2, c in plan:
-            err2 = (x64 - x0_hat(x0, t)).flatten(1).pow(2).sum(1)
+            err2 = (x64 - x0_hat(x0, t, noise)).flatten(1).pow(2).sum(1)
             terms.append(0.5 * d * (math.log(sigma2 / lam2) + lam2 / sigma2 - 1.0) + c * c * err2 / (2 * sigma2))
-        mean = x0_hat(x0, ts[-1])
+        mean = x0_hat(x0, ts[-1], noise)
         ll = (discretized_gaussian_log_likelihood(x64, mean, var0, int(bins)) if bins is not None
               else gaussian_log_likelihood(x64, mean, var0))
         terms.append(-ll.flatten(1).sum(1))
         T = torch.stack(terms, 1) / (d * math.log(2.0))   # B x (K + 1) bits/dim
         per_point.append(T.sum(1).cpu())
         term_sums += T.sum(0).cpu().numpy()
-        n += x0.shape[0]
+        n += B
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if n == 0:
         raise ValueError("nll_bpd got no data")
+    if indices is not None and n != len(indices):
+        raise ValueError(f"nll_points: {len(indices)} indices for {n} data points")
     return torch.cat(per_point).numpy(), term_sums / n
 
 
@@ -248,8 +258,8 @@ def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None,
     device = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = (data[i: i + bs].to(device) for i in range(0, len(data), bs))
     v, _ = nll_points(model, batches, model.schedule, ts, rule, eta=eta, decoder_var=decoder_var,
-                      bins=None if bins is None else int(bins), clip_x0=clip_x0,
-                      generator=torch.Generator().manual_seed(seed), progress=True)
+                      bins=None if bins is None else int(bins), clip_x0=clip_x0, seed=seed,
+                      indices=index.tolist(), progress=True)
     mean, se = mean_and_stderr(v)
     return ({"nll_bpd": mean, "nll_bpd_se": se, "nll_n": int(len(data)), "nll_steps": int(len(ts))},
             {"index": index.numpy().astype(np.int64), "bpd": v})

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for sample `index` of a run with base `seed` (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A 63-bit seed for sample `index` of a run with base `seed` (numpy SeedSequence). stream > 0 names an
+    independent family of streams for another use of the same indices (stream 0 is the samplers')."""
+    key = [int(seed), int(index)] + ([int(stream)] if stream else [])
+    return int(np.random.SeedSequence(key).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 class SampleNoise:
@@ -25,12 +27,12 @@ class SampleNoise:
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device="cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, stream: int = 0):
         self.indices = list(int(i) for i in indices)
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i, stream)) for i in self.indices]
 
     def __len__(self):
         return len(self.indices)
