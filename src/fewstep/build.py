@@ -5,6 +5,8 @@ This module is the only place that knows how config groups map onto classes.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -34,8 +36,6 @@ NETWORKS = {
 
 
 def _network(name: str):
-    import importlib
-
     if name not in NETWORKS:
         raise ConfigError(f"backbone '{name}' is not a trainable network (choose from {', '.join(NETWORKS)})")
     mod, cls, amod, acls = NETWORKS[name]
@@ -45,17 +45,19 @@ def _network(name: str):
 def load_pretrained(pretrained: str, subfolder=None, name: str = "unet"):
     """<Network>.from_pretrained from a local folder, or from the local hub cache (never downloads)."""
     cls = _network(name)[0]
+    # without accelerate, diffusers' default low_cpu_mem_usage=True only warns and falls back: ask for it directly
+    kw = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
     path = Path(os.path.expanduser(str(pretrained)))
     if path.exists():
         if not (path / (subfolder or "") / "config.json").exists():
             raise ConfigError(f"backbone.pretrained={pretrained}: no config.json in that folder "
                               f"(expected a {cls.__name__} save_pretrained folder)")
-        return cls.from_pretrained(str(path), subfolder=subfolder)
+        return cls.from_pretrained(str(path), subfolder=subfolder, **kw)
     looks_local = str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1
     if looks_local:
         raise ConfigError(f"backbone.pretrained={pretrained}: folder not found")
     try:
-        return cls.from_pretrained(str(pretrained), subfolder=subfolder, local_files_only=True)
+        return cls.from_pretrained(str(pretrained), subfolder=subfolder, local_files_only=True, **kw)
     except Exception:
         raise ConfigError(f"backbone.pretrained={pretrained}: hub id could not be reached (nothing downloads at run "
                           f"time); download it on a machine with internet and pass backbone.pretrained=/local/folder") from None

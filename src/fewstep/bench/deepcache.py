@@ -88,10 +88,12 @@ def machine() -> str:
 
 def load_model(name: str):
     from diffusers import UNet2DModel
+
+    from ..build import load_pretrained
     if name == "fashion_mnist" and (FASHION_CKPT / "config.json").exists():
         state = FASHION_CKPT / "train_state.json"
         step = json.loads(state.read_text()).get("step") if state.exists() else None
-        return (UNet2DModel.from_pretrained(str(FASHION_CKPT)).eval(),
+        return (load_pretrained(str(FASHION_CKPT)).eval(),
                 f"trained: {FASHION_CKPT.relative_to(REPO)}" + (f" at step {step}" if step is not None else ""))
     torch.manual_seed(0)
     return UNet2DModel(**ARCHS[name]).eval(), "random weights"
