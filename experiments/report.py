@@ -7,6 +7,7 @@
     python experiments/report.py nll     multirun/analytic_nll multirun/analytic_nll_dp
     python experiments/report.py plot    multirun/rho_sweep_* --x rho_bottom --y fid --hue sampler nfe --out experiments/figures/rho_sweep.png
     python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
+    python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
 
 Every number in experiments/README.md is what one of these commands printed.
 """
@@ -213,63 +214,58 @@ def nll_table(dirs):
                 print(f"| {r[0]} | {r[1]} | {r[2]} | {d:+.3f} | {se:.3f} | {n} |")
 
 
-def fid_diff(dirs, n_boot: int = 200):
-    """FIDs of runs made with save_features=true, each against the first: the difference and its paired
-    bootstrap standard error (the runs must share their samples' indices: same seed and n_samples)."""
+def _features(d: Path):
+    from fewstep.tasks.evaluate import FEATURES_FILE
+
+    found = [d / FEATURES_FILE] if (d / FEATURES_FILE).exists() else sorted(d.glob(f"*/{FEATURES_FILE}"))
+    if not found:
+        raise SystemExit(f"no {FEATURES_FILE} in {d} or its job folders (run with save_features=true)")
+    return found
+
+
+def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
+    """FIDs of runs made with save_features=true, each against the first (pairs=True: the dirs name one run
+    each, taken two at a time, base then run): the difference and its paired bootstrap standard error (the
+    runs must share their samples' indices: same seed and n_samples)."""
     import json
 
     import torch
 
     from fewstep.metrics.fid import RefStats, bootstrap_fid_se, paired_fid_difference
-    from fewstep.tasks.evaluate import FEATURES_FILE
 
+    if pairs and len(dirs) % 2:
+        raise SystemExit(f"fid_diff --pairs takes base and run folders two at a time; got {len(dirs)} folders")
     files = []
     for d in map(Path, dirs):
-        found = [d / FEATURES_FILE] if (d / FEATURES_FILE).exists() else sorted(d.glob(f"*/{FEATURES_FILE}"))
-        if not found:
-            raise SystemExit(f"no {FEATURES_FILE} in {d} or its job folders (run with save_features=true)")
+        found = _features(d)
+        if pairs and len(found) > 1:
+            raise SystemExit(f"fid_diff --pairs: {d} holds {len(found)} runs; name one run folder per argument")
         files += found
     runs = [np.load(f) for f in files]
     refs = {str(r["ref_stats"]) for r in runs}
     if len(refs) > 1:
         raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
     ref = RefStats.load(refs.pop())
-    base = torch.from_numpy(runs[0]["features"])
+    feats = [torch.from_numpy(r["features"]) for r in runs]
+
+    def fid_se(i):                              # the run's own recorded fid_se where it has one
+        m = files[i].parent / "metrics.json"
+        se = json.loads(m.read_text()).get("fid_se") if m.exists() else None
+        return se if se is not None else bootstrap_fid_se(feats[i], ref.mu, ref.cov, n_boot)
+
+    if pairs:
+        print("| base | FID | run | FID | run - base | paired s.e. |")
+        print("|---|---|---|---|---|---|")
+        for i in range(0, len(files), 2):
+            d, dse = paired_fid_difference(feats[i + 1], feats[i], ref.mu, ref.cov, n_boot)
+            print(f"| {files[i].parent.name} | {float(runs[i]['fid']):.2f} | {files[i + 1].parent.name} | "
+                  f"{float(runs[i + 1]['fid']):.2f} | {d:+.2f} | {dse:.2f} |")
+        return
     print(f"| run | FID | fid_se | FID - FID of {files[0].parent.name} | paired s.e. |")
     print("|---|---|---|---|---|")
-    for f, r in zip(files, runs):
-        x = torch.from_numpy(r["features"])
-        m = f.parent / "metrics.json"          # the run's own fid_se where it recorded one
-        se = json.loads(m.read_text()).get("fid_se") if m.exists() else None
-        se = se if se is not None else bootstrap_fid_se(x, ref.mu, ref.cov, n_boot)
-        d, dse = paired_fid_difference(x, base, ref.mu, ref.cov, n_boot) if f != files[0] else (0.0, 0.0)
-        print(f"| {f.parent.name} | {float(r['fid']):.2f} | {se:.2f} | {d:+.2f} | {dse:.2f} |")
-
-
-def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
-    """One line of y against x per value of the hue columns, written to out (png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    groups = df.groupby(hue) if hue else [("", df)]
-    for key, g in groups:
-        g = g.assign(_x=g[x].astype(float)).sort_values("_x")
-        label = ", ".join(f"{h}={fmt(k)}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
-        ax.plot(g["_x"], g[y].astype(float), "o-", ms=3, label=label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    if logx:
-        ax.set_xscale("log")
-    if hue:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    for i, f in enumerate(files):
+        d, dse = paired_fid_difference(feats[i], feats[0], ref.mu, ref.cov, n_boot) if i else (0.0, 0.0)
+        print(f"| {f.parent.name} | {float(runs[i]['fid']):.2f} | {fid_se(i):.2f} | {d:+.2f} | {dse:.2f} |")
 
 
 def main():
@@ -286,13 +282,14 @@ def main():
     p.add_argument("--hue", nargs="*", default=[], help="plot: one line per value of these columns")
     p.add_argument("--logx", action="store_true")
     p.add_argument("--out", default=None, help="plot: the png to write")
+    p.add_argument("--pairs", action="store_true", help="fid_diff: folders two at a time, each run against its base")
     p.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keep rows whose column KEY prints as VALUE (e.g. timesteps=linspace endpoint=True)")
     a = p.parse_args()
     if a.mode == "nll":
         return nll_table(a.dirs)
     if a.mode == "fid_diff":
-        return fid_diff(a.dirs)
+        return fid_diff(a.dirs, pairs=a.pairs)
     df = load(a.dirs)
     for cond in a.where:
         key, _, value = cond.partition("=")

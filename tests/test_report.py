@@ -254,3 +254,29 @@ def test_fid_diff_pairs_runs_by_their_saved_features(report, tmp_path, capsys):
         run(report, capsys, "fid_diff", str(tmp_path / "sweep"))
     with pytest.raises(SystemExit, match="save_features=true"):
         run(report, capsys, "fid_diff", str(tmp_path / "nothing"))
+
+
+def test_fid_diff_pairs_each_run_with_its_own_base(report, tmp_path, capsys):
+    from fewstep.metrics.fid import FrechetToReference, RefStats
+
+    g = np.random.default_rng(1)
+    ref = RefStats(mu=np.zeros(3), cov=np.eye(3), n=10000, pr_features=np.zeros((2, 3)))
+    ref_path = ref.save(tmp_path / "ref.npz")
+    fd = FrechetToReference(ref.mu, ref.cov)
+    z = g.normal(size=(400, 3))
+    runs = {"a0": 1.2 * z, "a1": 1.3 * z, "b0": 0.5 + z, "b1": 0.4 + z}
+    for name, x in runs.items():
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "features.npz", features=x.astype(np.float32),
+                 ref_stats=np.array(str(ref_path)), fid=np.float64(fd(torch.from_numpy(x))))
+    out = run(report, capsys, "fid_diff", "--pairs", *(str(tmp_path / n) for n in runs))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [(r[0], r[2]) for r in rows] == [("a0", "a1"), ("b0", "b1")]
+    fids = {k: fd(torch.from_numpy(x)) for k, x in runs.items()}
+    for r, (base, other) in zip(rows, [("a0", "a1"), ("b0", "b1")]):
+        assert float(r[4]) == pytest.approx(fids[other] - fids[base], abs=0.006) and float(r[5]) > 0
+    assert float(rows[1][4]) < 0 < float(rows[0][4])          # the shift toward the reference lowers the FID
+    with pytest.raises(SystemExit, match="two at a time"):
+        run(report, capsys, "fid_diff", "--pairs", str(tmp_path / "a0"))
+    with pytest.raises(SystemExit, match="one run folder"):
+        run(report, capsys, "fid_diff", "--pairs", str(tmp_path), str(tmp_path / "a0"))
