@@ -132,9 +132,10 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
     sigma2_rule(t, s, lam2) -> sigma2: the reverse variance of jump t -> s (FixedVariance / AnalyticVariance);
     eta: lam2 = eta^2 beta_tilde (1 = DDPM; must be > 0); decoder_var: see `decoder_variance`;
     bins: 256 for images in [-1, 1] (discretized decoder), None for the continuous Gaussian density;
-    clip_x0: clamp x0_hat to [-1, 1]; seed, indices: the x_t draws of the n-th point (in batch order) come
-    from its own generator seeded from (seed, indices[n]) (indices default 0, 1, ...; pass each point's index
-    in the split). The same seed gives every rule the same noise on the same point.
+    clip_x0: clamp x0_hat to [-1, 1]; progress: a bar over the network calls (with a total when indices are
+    given); seed, indices: the x_t draws of the n-th point (in batch order) come from its own generator seeded
+    from (seed, indices[n]) (indices default 0, 1, ...; pass each point's index in the split). The same seed
+    gives every rule the same noise on the same point.
     """
     N = schedule.N
     ts = check_trajectory(timesteps, N)
@@ -170,7 +171,8 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="NLL", unit="batch", dynamic_ncols=True)
+        total = None if indices is None else len(indices) * len(ts)       # network calls, one per term and point
+        bar = tqdm(desc="NLL", total=total, unit="call", unit_scale=True, dynamic_ncols=True)
     for x0 in x0_batches:
         B, d = x0.shape[0], x0[0].numel()
         idx = range(n, n + B) if indices is None else [int(i) for i in indices[n: n + B]]
@@ -183,6 +185,8 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
         terms.append(0.5 * (d * ((1 - a_T) - 1 - math.log(1 - a_T)) + a_T * x64.flatten(1).pow(2).sum(1)))
         for t, s, lam2, sigma2, c in plan:
             err2 = (x64 - x0_hat(x0, t, noise)).flatten(1).pow(2).sum(1)
+            if bar is not None:
+                bar.update(B)
             terms.append(0.5 * d * (math.log(sigma2 / lam2) + lam2 / sigma2 - 1.0) + c * c * err2 / (2 * sigma2))
         mean = x0_hat(x0, ts[-1], noise)
         ll = (discretized_gaussian_log_likelihood(x64, mean, var0, int(bins)) if bins is not None
@@ -193,7 +197,7 @@ def nll_points(model, x0_batches: Iterable[torch.Tensor], schedule, timesteps, s
         term_sums += T.sum(0).cpu().numpy()
         n += B
         if bar is not None:
-            bar.update(1)
+            bar.update(B)                                # the decoder term's call
     if bar is not None:
         bar.close()
     if n == 0:
