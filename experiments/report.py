@@ -268,6 +268,32 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
         print(f"| {f.parent.name} | {float(runs[i]['fid']):.2f} | {fid_se(i):.2f} | {d:+.2f} | {dse:.2f} |")
 
 
+def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
+    """One line of y against x per value of the hue columns, written to out (png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    groups = df.groupby(hue) if hue else [("", df)]
+    for key, g in groups:
+        g = g.assign(_x=g[x].astype(float)).sort_values("_x")
+        label = ", ".join(f"{h}={fmt(k)}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
+        ax.plot(g["_x"], g[y].astype(float), "o-", ms=3, label=label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if logx:
+        ax.set_xscale("log")
+    if hue:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff"])
