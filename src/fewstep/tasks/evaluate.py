@@ -72,10 +72,14 @@ def cost_per_call(cfg, model, shape, device):
 
 
 @torch.no_grad()
-def generate(cfg, model, variance, shape, device, indices, on_batch=None):
-    """Sample the given global indices in batches; returns (samples on cpu, stats)."""
+def generate(cfg, model, variance, shape, device, indices, on_batch=None, progress: bool = False):
+    """Sample the given global indices in batches; returns (samples on cpu, stats). progress: a bar over the
+    samples (stderr)."""
+    from tqdm.auto import tqdm
+
     out, nfe, calls_total, t_sample = [], [], {}, 0.0
     bs = int(cfg.batch_size)
+    bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True, disable=not progress)
     for lo in range(0, len(indices), bs):
         idx = indices[lo: lo + bs]
         noise = SampleNoise(int(cfg.seed), idx, shape, device=device)
@@ -97,6 +101,8 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None):
         if on_batch is not None:
             on_batch(x)
         out.append(x)
+        bar.update(len(idx))
+    bar.close()
     samples = torch.cat(out) if out else torch.empty((0,) + tuple(shape))
     return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "time": t_sample,
                      "nfe_batches": nfe}
@@ -140,7 +146,8 @@ def evaluate_rank(dist: Dist, cfg):
     n_total = int(cfg.n_samples)
     indices = shard(n_total, dist.rank, dist.world)
     samples, st = generate(cfg, model, variance, shape, device, indices,
-                           on_batch=(lambda x: metrics.update(x)) if metrics is not None else None)
+                           on_batch=(lambda x: metrics.update(x)) if metrics is not None else None,
+                           progress=dist.is_global_zero)
     quality = metrics.compute() if metrics is not None else {}        # collective: states synced across ranks
     st = _combine_stats(all_gather(st, dist))
     gmm = cfg.dataset.name == "gmm"
