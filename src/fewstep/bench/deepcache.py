@@ -90,6 +90,7 @@ def load_model(name: str):
     from diffusers import UNet2DModel
 
     from ..build import load_pretrained
+
     if name == "fashion_mnist" and (FASHION_CKPT / "config.json").exists():
         state = FASHION_CKPT / "train_state.json"
         step = json.loads(state.read_text()).get("step") if state.exists() else None

@@ -17,8 +17,8 @@ Gaussian with x_0 replaced by x0_hat(x_t) and variance sigma2 = rule(t, s, lam2)
 Each term is estimated with its own draw x_t ~ q(x_t | x_0) (as the official code does), so a bound costs K
 network calls per batch. Data point i draws its noise from its own generator, seeded from (seed, i) with i
 its index in the split (samplers/noise.py), so a point's bound does not depend on the batch size, the batch
-order or which other points are bounded with it. Decoder: images in [-1, 1] use the 256-bin discretized Gaussian of Ho et al.
-(edge bins extend to +-inf); vector data (the GMM) use the continuous Gaussian density, so their
+order or which other points are bounded with it. Decoder: images in [-1, 1] use the 256-bin discretized
+Gaussian of Ho et al. (edge bins extend to +-inf); vector data (the GMM) use the continuous Gaussian density, so their
 "bits/dim" is a bound on the differential entropy and may be negative. Result: bits/dim = nats / (d ln 2),
 averaged over data points, with the standard error of that mean. The evaluate task also writes each
 point's bound (and its index in the split) to nll_bpd.npz, so that two runs on the same points can be
