@@ -233,8 +233,9 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
 
     from fewstep.metrics.fid import RefStats, bootstrap_fid_se, paired_fid_difference
 
-    # hundreds of small D x D eigendecompositions: extra threads only add OpenMP barriers, and with the other
-    # core busy (a sampling job) those turned a 10 s comparison into more than 15 minutes
+    # hundreds of D x D eigendecompositions: on the idle 2-core machine two threads gain nothing at D = 128
+    # (classifier features) and 1.2x at D = 2048 (Inception); with the other core busy (a sampling job) their
+    # OpenMP barriers turned a 10 s comparison of classifier features into more than 15 minutes
     torch.set_num_threads(1)
     if pairs and len(dirs) % 2:
         raise SystemExit(f"fid_diff --pairs takes base and run folders two at a time; got {len(dirs)} folders")
