@@ -6,8 +6,15 @@ multirun/, so rendering needs those runs on disk. ``--check`` writes nothing: it
 draws the figures of ``@@`` commands (their ``--out`` file) into a temporary folder, and exits non-zero
 if the README or any figure differs from the committed one.
 
-    python experiments/build_readme.py            # rewrite experiments/README.md
-    python experiments/build_readme.py --check    # compare only
+``--only TEXT`` re-runs only the ``@@`` commands that contain TEXT and keeps, for every other command,
+the output it has in the committed README: that output is recovered by matching the committed template
+against the committed README (both as of git HEAD), line by line. Use it to update one section when the
+other sweeps are not on disk; a command whose committed output cannot be recovered unambiguously (or is
+new) must be re-run, and the build says which.
+
+    python experiments/build_readme.py                                   # rewrite experiments/README.md
+    python experiments/build_readme.py --check                           # compare only
+    python experiments/build_readme.py --only deepcache_n5000_ddim100    # re-run one section's commands
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "experiments" / "README.template.md"
@@ -37,22 +45,117 @@ def run(command: str) -> str:
     return r.stdout.rstrip("\n")
 
 
-def render(template: str, figures: Path | None = None) -> tuple[str, dict[str, Path]]:
-    """The README text, and {figure named by --out: where it was drawn}; figures=None draws them in place."""
+class Committed(NamedTuple):
+    """What the committed README holds for each command, recovered by committed_outputs."""
+    outputs: dict[str, str | None]        # command -> its rendered text; None where the split is ambiguous
+    chains: list[tuple[list[str], str]]   # ambiguous stretches: (their template lines, their rendered text)
+
+
+def committed_outputs(template: str, readme: str) -> Committed:
+    """Recover each command's output from readme, which was rendered from template.
+
+    Each ``@@`` line rendered to one or more whole lines (an empty output to one empty line). The split is
+    found by dynamic programming over (template line, README line); a command's output is known when the
+    shortest and the longest consistent outputs agree. Where they do not (two commands separated by a
+    blank line, the first printing blank lines), the stretch of template lines from the first to the last
+    such command still has one rendering: it is kept whole, as a chain.
+    """
+    t, r = template.splitlines(), readme.splitlines()
+    n, m = len(t), len(r)
+    # ok[i][j]: template lines i.. render to README lines j..; later[i][j]: ok[i][k] for some k >= j
+    ok = [bytearray(m + 1) for _ in range(n + 1)]
+    later = [bytearray(m + 2) for _ in range(n + 1)]
+    ok[n][m] = 1
+    later[n][:m + 1] = bytearray([1]) * (m + 1)
+    for i in range(n - 1, -1, -1):
+        for j in range(m, -1, -1):
+            if t[i].startswith(MARK):
+                ok[i][j] = j < m and later[i + 1][j + 1]
+            else:
+                ok[i][j] = j < m and t[i] == r[j] and ok[i + 1][j + 1]
+            later[i][j] = ok[i][j] or later[i][j + 1]
+    if not ok[0][0]:
+        raise SystemExit("build_readme: the committed README was not rendered from the committed template")
+
+    def split(shortest: bool) -> list[tuple[int, int, int]]:
+        spans, j = [], 0
+        for i, line in enumerate(t):
+            if line.startswith(MARK):
+                ks = range(j + 1, m + 1) if shortest else range(m, j, -1)
+                k = next(k for k in ks if ok[i + 1][k])
+                spans.append((i, j, k))
+                j = k
+            else:
+                j += 1
+        return spans
+
+    outputs: dict[str, str | None] = {}
+    chains: list[list[tuple[int, int, int]]] = []
+    chain: list[tuple[int, int, int]] = []
+    for (i, j, k), (_, j2, k2) in zip(split(True), split(False)):
+        command, text = t[i][len(MARK):], "\n".join(r[j:k])
+        sure = (j, k) == (j2, k2)
+        outputs[command] = text if sure and outputs.get(command, text) == text else None
+        if not sure:
+            chain.append((i, j, k))
+        elif chain:
+            chains.append(chain)
+            chain = []
+    if chain:
+        chains.append(chain)
+    kept = [(t[c[0][0]:c[-1][0] + 1], "\n".join(r[c[0][1]:c[-1][2]])) for c in chains]
+    return Committed(outputs, kept)
+
+
+def render(template: str, figures: Path | None = None, only: str | None = None,
+           committed: Committed | None = None) -> tuple[str, dict[str, Path]]:
+    """The README text, and {figure named by --out: where it was drawn}; figures=None draws them in place.
+
+    With ``only``, commands that do not contain it are not run: their text comes from ``committed``.
+    """
     drawn: dict[str, Path] = {}
 
     def redirect(m: re.Match) -> str:
         drawn[m.group(1)] = figures / f"{len(drawn)}{Path(m.group(1)).suffix}"
         return f"--out {shlex.quote(str(drawn[m.group(1)]))}"
 
-    out = []
-    for line in template.splitlines():
-        if line.startswith(MARK):
-            command = line[len(MARK):]
-            out.append(run(OUT.sub(redirect, command) if figures is not None else command))
-        else:
+    def rerun(line: str) -> bool:
+        return line.startswith(MARK) and (only is None or only in line[len(MARK):])
+
+    lines, out, i = template.splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if not line.startswith(MARK):
             out.append(line)
+            continue
+        command = line[len(MARK):]
+        if rerun(line):
+            out.append(run(OUT.sub(redirect, command) if figures is not None else command))
+            continue
+        known = committed.outputs if committed else {}
+        if known.get(command) is not None:
+            out.append(known[command])
+            continue
+        chain = next((c for c in (committed.chains if committed else [])
+                      if lines[i - 1:i - 1 + len(c[0])] == c[0] and not any(map(rerun, c[0]))), None)
+        if chain is None:
+            why = "is ambiguous there" if command in known else "is not there"
+            raise SystemExit(f"build_readme: the committed output of this command {why}; "
+                             f"re-run it (widen --only): {command}")
+        out.append(chain[1])
+        i += len(chain[0]) - 1
     return "\n".join(out) + "\n", drawn
+
+
+def git_show(path: Path) -> str:
+    """The file as of git HEAD."""
+    r = subprocess.run(["git", "show", f"HEAD:{path.relative_to(ROOT).as_posix()}"], cwd=ROOT,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"build_readme: --only needs the committed {path.name} (git show failed): "
+                         f"{r.stderr.strip()}")
+    return r.stdout
 
 
 def check(text: str, drawn: dict[str, Path]) -> int:
@@ -75,11 +178,18 @@ def check(text: str, drawn: dict[str, Path]) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="compare with the committed README, do not write")
+    p.add_argument("--only", metavar="TEXT", help="re-run only the @@ commands containing TEXT; keep the "
+                   "committed output of the others")
     args = p.parse_args(argv)
+    committed = None
+    if args.only is not None:
+        if not args.only.strip():
+            raise SystemExit("build_readme: --only needs a non-empty TEXT (a part of the commands to re-run)")
+        committed = committed_outputs(*(git_show(f) for f in (TEMPLATE, README)))
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            return check(*render(TEMPLATE.read_text(), Path(tmp)))
-    text, _ = render(TEMPLATE.read_text())
+            return check(*render(TEMPLATE.read_text(), Path(tmp), args.only, committed))
+    text, _ = render(TEMPLATE.read_text(), None, args.only, committed)
     README.write_text(text)
     print(f"wrote {README.relative_to(ROOT)}")
     return 0

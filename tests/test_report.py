@@ -222,6 +222,49 @@ def test_committed_readme_keeps_every_template_line(build_readme):
             assert any(r == line for r in readme), f"template line missing from experiments/README.md: {line!r}"
 
 
+def test_committed_readme_was_rendered_from_the_template(build_readme):
+    # stronger than the line-order check: every @@ line maps to whole README lines, the rest matches exactly
+    committed = build_readme.committed_outputs(build_readme.TEMPLATE.read_text(), build_readme.README.read_text())
+    commands = [line[3:] for line in build_readme.TEMPLATE.read_text().splitlines() if line.startswith("@@ ")]
+    assert set(committed.outputs) == set(commands)
+
+
+def py_print(*lines: str) -> str:
+    """An @@ command line printing these lines."""
+    return "@@ python -c \"print(" + repr("\n".join(lines)) + ")\""
+
+
+def test_build_readme_only_reruns_matching_commands_and_keeps_the_others(build_readme):
+    old = "\n".join(["# t", py_print("| a |", "| 1 |"), "text", py_print("B-old"), "end"]) + "\n"
+    readme = build_readme.render(old)[0]
+    assert readme == "# t\n| a |\n| 1 |\ntext\nB-old\nend\n"
+    committed = build_readme.committed_outputs(old, readme)
+    assert committed.outputs == {py_print("| a |", "| 1 |")[3:]: "| a |\n| 1 |", py_print("B-old")[3:]: "B-old"}
+    # the second command is edited: only it runs (the first one's text is what the README holds, even
+    # though the command would now print something else -- here we check by making it unrunnable)
+    new = old.replace(py_print("B-old"), py_print("B-new")).replace("text", "new text")
+    kept = committed._replace(outputs={**committed.outputs, py_print("| a |", "| 1 |")[3:]: "| kept |"})
+    assert build_readme.render(new, only="B-new", committed=kept)[0] == "# t\n| kept |\nnew text\nB-new\nend\n"
+    with pytest.raises(SystemExit, match="is not there; re-run it"):
+        build_readme.render(new, only="no-such-text", committed=committed)
+    with pytest.raises(SystemExit, match="not rendered from the committed template"):
+        build_readme.committed_outputs(old, readme.replace("text", "edited by hand"))
+
+
+def test_build_readme_keeps_an_ambiguous_stretch_whole(build_readme):
+    # A prints a blank line, and a blank line separates it from B: "x / / y / / z" splits two ways
+    a, b = py_print("x", "", "y"), py_print("z")
+    template = f"top\n{a}\n\n{b}\nbottom\n"
+    readme = build_readme.render(template)[0]
+    committed = build_readme.committed_outputs(template, readme)
+    assert committed.outputs == {a[3:]: None, b[3:]: None}
+    assert committed.chains == [([a, "", b], "x\n\ny\n\nz")]
+    assert build_readme.render(template, only="nothing", committed=committed)[0] == readme
+    with pytest.raises(SystemExit, match="is ambiguous there; re-run it"):
+        build_readme.render(template, only="'z'", committed=committed)
+    assert build_readme.render(template, only="python", committed=committed)[0] == readme
+
+
 @pytest.mark.parametrize("value, text", [(76.96, "77.0"), (42.83, "42.8"), (0.72, "0.720"), (5.0, "5"),
                                          (152.98, "153.0"), (float("nan"), ""), (None, ""), ("ddim", "ddim")])
 def test_fmt_keeps_the_precision_of_every_cell(report, value, text):
