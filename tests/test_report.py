@@ -240,8 +240,8 @@ def test_build_readme_only_reruns_matching_commands_and_keeps_the_others(build_r
     assert readme == "# t\n| a |\n| 1 |\ntext\nB-old\nend\n"
     committed = build_readme.committed_outputs(old, readme)
     assert committed.outputs == {py_print("| a |", "| 1 |")[3:]: "| a |\n| 1 |", py_print("B-old")[3:]: "B-old"}
-    # the second command is edited: only it runs (the first one's text is what the README holds, even
-    # though the command would now print something else -- here we check by making it unrunnable)
+    # the second command is edited: only it runs; the first is not run, its text is what `committed`
+    # holds (replaced by "| kept |" here, so that a re-run of it would show)
     new = old.replace(py_print("B-old"), py_print("B-new")).replace("text", "new text")
     kept = committed._replace(outputs={**committed.outputs, py_print("| a |", "| 1 |")[3:]: "| kept |"})
     assert build_readme.render(new, only="B-new", committed=kept)[0] == "# t\n| kept |\nnew text\nB-new\nend\n"
