@@ -87,3 +87,83 @@ def test_train_task_exports_a_loadable_model_and_resumes(backbone, tmp_path, mon
     assert "resuming from" in capsys.readouterr().out
     assert result["steps"] == 5 and len(calls) == 2
     assert json.loads((export / "train_state.json").read_text())["step"] == 5
+
+
+def test_min_snr_gamma_weight_is_min_snr_over_snr():
+    from fewstep.tasks.train import DiffusionModule
+
+    cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN])
+    args = (OmegaConf.to_container(cfg.backbone.config, resolve=True),
+            OmegaConf.to_container(cfg.backbone.schedule, resolve=True))
+    assert DiffusionModule(*args).loss_weight(torch.arange(1000)) is None
+    m = DiffusionModule(*args, min_snr_gamma=5.0)
+    t = torch.arange(1000)
+    ab = m.alpha_bar.double()
+    snr = ab / (1 - ab)
+    w = m.loss_weight(t).double()
+    torch.testing.assert_close(w, torch.minimum(snr, torch.full_like(snr, 5.0)) / snr, rtol=1e-6, atol=0)
+    # low noise (high SNR) is down-weighted, high noise keeps weight 1; the crossing is where SNR = 5
+    assert w[0] < 0.01 and torch.all(w[snr.float() <= 5] == 1) and torch.all(w[snr.float() > 5] < 1)
+
+
+def test_constant_lr_schedule_holds_the_rate_after_warm_up():
+    from fewstep.tasks.train import DiffusionModule
+
+    cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN])
+    args = (OmegaConf.to_container(cfg.backbone.config, resolve=True),
+            OmegaConf.to_container(cfg.backbone.schedule, resolve=True))
+    for kind, expect in (("constant", [0.5, 1.0, 1.0, 1.0]), ("cosine", [0.5, 1.0, 0.5, 0.0])):
+        sched = DiffusionModule(*args, lr=1.0, warmup_steps=2, max_steps=4, lr_schedule=kind) \
+            .configure_optimizers()["lr_scheduler"]["scheduler"]
+        got = [sched.lr_lambdas[0](s) for s in (0, 2, 3, 4)]
+        assert got == pytest.approx(expect), (kind, got)
+
+
+def test_long_training_counts_steps_across_sittings_and_keeps_the_best(tmp_path, capsys):
+    """init_from carries total_steps on; the progress log exports the EMA only when the fast FID improves."""
+    from fewstep.tasks import train
+
+    export, run_dir = tmp_path / "export", tmp_path / "run"
+    first = [*TINY_OVERRIDES, *TRAIN, f"task.run_dir={run_dir}", f"task.export_dir={export}", "task.ckpt_every=2",
+             "task.max_steps=2"]
+    train.run(compose_cfg(first))
+    assert json.loads((export / "train_state.json").read_text())["total_steps"] == 2
+
+    # a new sitting on a fresh run folder starts from the export: its weights, and its step count
+    run2 = tmp_path / "run2"
+    cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN, f"task.run_dir={run2}", f"task.export_dir={tmp_path / 'export2'}",
+                       f"task.init_from={export}", "task.ckpt_every=1", "task.max_steps=1", "task.lr=0"])
+    out = train.run(cfg)
+    assert "initialized from" in capsys.readouterr().out
+    assert out["steps_before"] == 2
+    assert json.loads((tmp_path / "export2" / "train_state.json").read_text())["total_steps"] == 3
+    assert train.init_state(cfg.task, run2, resuming=True) == 2   # a resumed sitting keeps its offset
+
+    # the progress log: best_dir gets the model only when the FID is the lowest so far, across instances
+    net = train.new_network("unet", OmegaConf.to_container(cfg.backbone.config, resolve=True))
+    log, best = tmp_path / "progress.csv", tmp_path / "best"
+    p = train.ProgressLog(log, best, steps_before=100, meta={"dataset": "digits"})
+    p.record(net, 10, 0.5, {"eval/fid": 50.0})
+    assert json.loads((best / "train_state.json").read_text())["total_steps"] == 110
+    p.record(net, 20, 0.4, {"eval/fid": 60.0})
+    assert json.loads((best / "train_state.json").read_text())["total_steps"] == 110
+    p2 = train.ProgressLog(log, best, steps_before=100, meta={})
+    p2.record(net, 30, 0.3, {"eval/fid": 55.0})       # better than 60 but not than 50: not the best
+    p2.record(net, 40, 0.3, {"eval/fid": 40.0})
+    rows = p2.rows()
+    assert [r["best"] for r in rows] == ["1", "0", "0", "1"] and [r["total_step"] for r in rows][-1] == "140"
+    assert json.loads((best / "train_state.json").read_text())["fast_fid"] == 40.0
+    walls = [float(r["wall_h"]) for r in rows]
+    assert walls == sorted(walls)
+
+
+@pytest.mark.parametrize("bad, msg", [("task.lr_schedule=linear", "task.lr_schedule"),
+                                      ("task.min_snr_gamma=0", "task.min_snr_gamma"),
+                                      ("task.min_snr_gamma=inf", "task.min_snr_gamma"),
+                                      ("task.init_from=/nonexistent", "task.init_from")])
+def test_bad_training_options_are_refused(bad, msg):
+    from fewstep.config import ConfigError
+    from fewstep.tasks import train
+
+    with pytest.raises(ConfigError, match=msg):
+        train.run(compose_cfg([*TINY_OVERRIDES, *TRAIN, bad]))

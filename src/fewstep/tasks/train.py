@@ -1,17 +1,27 @@
 """task=train: an eps-prediction network (UNet2DModel, or U-ViT with backbone=uvit) trained with Lightning.
 
 Loss: the simple DDPM objective (Ho et al. 2020, eq. 14), E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2
-with t uniform in 0..N-1. AdamW, linear warm-up then cosine decay, gradient clipping, an EMA of the weights
-(exported with save_pretrained, so `backbone.pretrained=<export_dir>` samples it), periodic sample grids
-and a fast FID on the held-out split, resumable from <run_dir>/ckpts/last.ckpt, multi-GPU via `trainer=`.
+with t uniform in 0..N-1, optionally weighted per timestep by Min-SNR-gamma (Hang et al. 2023, "Efficient
+Diffusion Training via Min-SNR Weighting Strategy", eq. 9 for eps-prediction: w_t = min(SNR_t, gamma) / SNR_t,
+SNR_t = alpha_bar_t / (1 - alpha_bar_t); it stops the easy low-noise steps from dominating the gradient).
+AdamW, linear warm-up then cosine decay (or a constant rate, for open-ended training), gradient clipping, an
+EMA of the weights (exported with save_pretrained, so `backbone.pretrained=<export_dir>` samples it),
+periodic sample grids and a fast FID on the held-out split, resumable from <run_dir>/ckpts/last.ckpt,
+multi-GPU via `trainer=`.
+
+Long training over several sittings: `task.init_from=<folder>` starts from an exported model with a fresh
+optimizer when no last.ckpt is there (its train_state.json `total_steps` carries on), `task.best_dir`
+receives the EMA model each time the fast FID improves, and `task.progress_log` gets one CSV row per fast
+FID (total step, loss, FID, wall time, whether it was the best so far).
 """
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
-import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +29,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ..build import adapt, build_schedule, new_network, sample_shape
+from ..config import check
+from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
 from ..outputs import output_dir
 
 
 class DiffusionModule(L.LightningModule):
     def __init__(self, net_config: dict, schedule_cfg: dict, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.999),
-                 warmup_steps=200, max_steps=2400, ema_decay=0.999, backbone: str = "unet"):
+                 warmup_steps=200, max_steps=2400, ema_decay=0.999, backbone: str = "unet",
+                 lr_schedule: str = "cosine", min_snr_gamma: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = new_network(backbone, net_config)
@@ -33,13 +45,22 @@ class DiffusionModule(L.LightningModule):
         sched = build_schedule(OmegaConf.create(schedule_cfg))
         self.register_buffer("alpha_bar", torch.tensor(sched.alpha_bar, dtype=torch.float32))
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-gamma weight of the eps loss at timesteps t (None: the unweighted simple loss)."""
+        if self.hparams.min_snr_gamma is None:
+            return None
+        snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])
+        return snr.clamp(max=float(self.hparams.min_snr_gamma)) / snr
+
     def training_step(self, batch, batch_idx):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         t = torch.randint(0, len(self.alpha_bar), (x0.shape[0],), device=x0.device)
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.ndim - 1)))
         eps = torch.randn_like(x0)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        loss = F.mse_loss(self.net(xt, t).sample, eps)
+        per_sample = F.mse_loss(self.net(xt, t).sample, eps, reduction="none").flatten(1).mean(1)
+        w = self.loss_weight(t)
+        loss = per_sample.mean() if w is None else (w * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         return loss
 
@@ -66,6 +87,8 @@ class DiffusionModule(L.LightningModule):
         def lr_lambda(step):
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "constant":
+                return 1.0
             prog = (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
 
@@ -97,6 +120,7 @@ class ExportEMA(L.Callback):
     def _export(self, trainer, pl_module):
         if trainer.is_global_zero:
             info = dict(self.meta, step=int(trainer.global_step),
+                        total_steps=int(self.meta.get("steps_before", 0)) + int(trainer.global_step),
                         loss=float(trainer.callback_metrics.get("train/loss", float("nan"))))
             export_network(pl_module.ema, self.export_dir, info)
 
@@ -109,10 +133,13 @@ class ExportEMA(L.Callback):
 
 
 class SampleAndScore(L.Callback):
-    """Every `every` steps: a sample grid of the EMA model and a fast FID on the held-out split."""
+    """Every `every` steps: a sample grid of the EMA model and a fast FID on the held-out split.
 
-    def __init__(self, cfg, out_dir: Path, every: int):
-        self.cfg, self.out_dir, self.every = cfg, Path(out_dir), every
+    With `progress` (a ProgressLog) each fast FID becomes a row of the progress log, and the EMA model is
+    exported to its best_dir whenever the FID is the lowest the log has seen."""
+
+    def __init__(self, cfg, out_dir: Path, every: int, progress: "ProgressLog | None" = None):
+        self.cfg, self.out_dir, self.every, self.progress = cfg, Path(out_dir), every, progress
         self.metrics = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -162,34 +189,126 @@ class SampleAndScore(L.Callback):
                 lg.log_image("samples", [str(path)], step=step)
         if logs:
             print(f"[train] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        if self.progress is not None and "eval/fid" in logs:
+            loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            self.progress.record(pl_module.ema, step, loss, logs)
+
+
+class ProgressLog:
+    """The committed record of a long training run that outlives its ignored run folder.
+
+    log: a CSV, one row per fast FID: total_step (steps before this run, from the init model's
+    train_state.json, plus this run's), loss, fid, fid_se, precision, recall, wall_h (hours of training
+    summed over sittings), utc, best (1 when this FID is the lowest so far: the model went to best_dir)."""
+
+    FIELDS = ["total_step", "loss", "fid", "fid_se", "precision", "recall", "wall_h", "utc", "best"]
+
+    def __init__(self, log: Path, best_dir: Path | None, steps_before: int, meta: dict):
+        self.log, self.best_dir, self.steps_before, self.meta = Path(log), best_dir, int(steps_before), meta
+        rows = self.rows()
+        self.best = min((float(r["fid"]) for r in rows), default=float("inf"))
+        self.wall_before = float(rows[-1]["wall_h"]) if rows else 0.0
+        self.t0 = time.time()
+
+    def rows(self) -> list:
+        if not self.log.exists():
+            return []
+        with open(self.log, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def record(self, ema, step: int, loss: float, logs: dict):
+        fid = float(logs["eval/fid"])
+        best = fid < self.best
+        total = self.steps_before + int(step)
+        row = {"total_step": total, "loss": f"{loss:.5f}", "fid": f"{fid:.3f}",
+               "fid_se": f"{logs.get('eval/fid_se', float('nan')):.3f}",
+               "precision": f"{logs.get('eval/precision', float('nan')):.4f}",
+               "recall": f"{logs.get('eval/recall', float('nan')):.4f}",
+               "wall_h": f"{self.wall_before + (time.time() - self.t0) / 3600:.3f}",
+               "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "best": int(best)}
+        if best and self.best_dir is not None:
+            export_network(ema, self.best_dir, dict(self.meta, step=int(step), total_steps=total, loss=loss,
+                                                    fast_fid=fid, fast_fid_eval=self.meta.get("fast_fid_eval")))
+            self.best = fid
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.log.exists()
+        with open(self.log, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def init_state(t, out: Path, resuming: bool) -> int:
+    """Steps the network had before this run: 0, or `total_steps` of task.init_from's train_state.json.
+
+    Written to <run_dir>/init.json at the first start, so a resumed run keeps counting from the same place."""
+    marker = out / "init.json"
+    if resuming and marker.exists():
+        return int(json.loads(marker.read_text())["steps_before"])
+    before = 0
+    if t.init_from:
+        state = Path(t.init_from) / "train_state.json"
+        info = json.loads(state.read_text()) if state.exists() else {}
+        before = int(info.get("total_steps", info.get("step", 0)))
+    marker.write_text(json.dumps({"init_from": t.init_from, "steps_before": before}))
+    return before
+
+
+def validate_train_cfg(t) -> None:
+    check(str(t.lr_schedule) in ("cosine", "constant"),
+          f"task.lr_schedule must be cosine or constant (got {t.lr_schedule})")
+    if t.min_snr_gamma is not None:
+        g = float(t.min_snr_gamma)
+        check(math.isfinite(g) and g > 0, f"task.min_snr_gamma must be null or a finite number > 0 (got {g})")
+    if t.init_from:
+        check((Path(t.init_from) / "config.json").exists(),
+              f"task.init_from={t.init_from}: no save_pretrained folder there (config.json missing)")
 
 
 def run(cfg) -> dict:
     from ..data import load_dataset
     from ..outputs import make_loggers
 
+    validate_train_cfg(cfg.task)
     L.seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.task.run_dir) if cfg.task.run_dir else output_dir()
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(cfg.task.export_dir) if cfg.task.export_dir else out / str(cfg.backbone.name)
     t = cfg.task
+    name = str(cfg.backbone.name)
     module = DiffusionModule(OmegaConf.to_container(cfg.backbone.config, resolve=True),
                              OmegaConf.to_container(cfg.backbone.schedule, resolve=True), lr=t.lr,
                              weight_decay=t.weight_decay, betas=list(t.betas), warmup_steps=t.warmup_steps,
-                             max_steps=t.max_steps, ema_decay=t.ema_decay, backbone=str(cfg.backbone.name))
-    meta = {"dataset": cfg.dataset.name, "backbone": str(cfg.backbone.name), "batch_size": int(t.batch_size),
-            "max_steps": int(t.max_steps), "params": sum(p.numel() for p in module.net.parameters())}
+                             max_steps=t.max_steps, ema_decay=t.ema_decay, backbone=name,
+                             lr_schedule=str(t.lr_schedule), min_snr_gamma=t.min_snr_gamma)
+    ckpt_dir = out / "ckpts"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if (t.resume and last.exists()) else None
+    steps_before = init_state(t, out, resuming=ckpt_path is not None)
+    if t.init_from and not ckpt_path:  # a fresh optimizer on exported weights (the EMA restarts from them too)
+        init = load_pretrained(str(t.init_from), name=name)
+        module.net.load_state_dict(init.state_dict())
+        module.ema.load_state_dict(init.state_dict())
+        print(f"[train] initialized from {t.init_from} ({steps_before} steps before this run)")
+    meta = {"dataset": cfg.dataset.name, "backbone": name, "batch_size": int(t.batch_size),
+            "max_steps": int(t.max_steps), "params": sum(p.numel() for p in module.net.parameters()),
+            "lr": float(t.lr), "lr_schedule": str(t.lr_schedule), "min_snr_gamma": t.min_snr_gamma,
+            "ema_decay": float(t.ema_decay), "steps_before": steps_before, "init_from": t.init_from,
+            "fast_fid_eval": f"{int(t.eval_samples)} samples, DPM-Solver++(2M) {int(t.eval_steps)} NFE, "
+                             f"{cfg.metrics.get('feature')} features vs the {cfg.metrics.get('ref_split')} split"}
     x = load_dataset(cfg.dataset, "train")
     x = x[0] if isinstance(x, tuple) else x
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=int(cfg.task.batch_size),
                                          shuffle=True, drop_last=True, num_workers=int(cfg.task.num_workers))
-    ckpt_dir = out / "ckpts"
     loggers = make_loggers(cfg, out)
+    progress = (ProgressLog(Path(t.progress_log), Path(t.best_dir) if t.best_dir else None, steps_before, meta)
+                if t.progress_log else None)
     callbacks = [
         L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=int(t.ckpt_every),
                                             save_top_k=0),
         ExportEMA(export_dir, int(t.ckpt_every), meta),
-        SampleAndScore(cfg, out, int(t.sample_every)),
+        SampleAndScore(cfg, out, int(t.sample_every), progress),
     ]
     if loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger
         callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
@@ -198,8 +317,6 @@ def run(cfg) -> dict:
                         precision=tr.precision, max_steps=int(t.max_steps), gradient_clip_val=float(t.grad_clip),
                         callbacks=callbacks, logger=loggers or False, default_root_dir=str(out),
                         enable_checkpointing=True, log_every_n_steps=10, enable_model_summary=False)
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if (t.resume and last.exists()) else None
     if ckpt_path:
         print(f"[train] resuming from {last}")
     trainer.fit(module, loader, ckpt_path=ckpt_path)
