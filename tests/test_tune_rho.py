@@ -69,7 +69,7 @@ def test_per_step_rho_table_and_teacher_cache(tmp_path, monkeypatch):
     assert torch.equal(hook.scales, rho) and hook.table_t.tolist() == tuner.table_t
 
     # the teacher targets of the same (model, sampler, seed, n) come from the cache file
-    cache = list((tmp_path / "teacher").glob("teacher_*.pt"))
+    cache = list((tmp_path / "teacher").glob("teacher_*.safetensors"))
     assert len(cache) == 1
     calls, real = [], tr.sample
     monkeypatch.setattr(tr, "sample", lambda cfg_s, *a, **k: (calls.append(int(cfg_s.steps)), real(cfg_s, *a, **k))[1])

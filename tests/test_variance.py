@@ -18,7 +18,7 @@ from fewstep.metrics.nll import discretized_gaussian_log_likelihood, nll_bpd, nl
 from fewstep.schedule import NoiseSchedule, select_timesteps
 from fewstep.strategies.variance import (AnalyticVariance, FixedVariance, GammaMismatch, GammaMissing, GammaStats,
                                          build_variance, check_timesteps, dp_trajectory, estimate_gamma, find_gamma, gamma_filename,
-                                         least_cost_path, jump_cost, model_id, save_gamma, split_reliable,
+                                         least_cost_path, jump_cost, load_gamma, model_id, save_gamma, split_reliable,
                                          trajectory_cost)
 from fewstep.tasks.gamma import _rank_seed, estimate_to_file
 
@@ -70,13 +70,13 @@ def test_gamma_stats_merge_and_stderr():
 def test_estimate_to_file_resumes_exactly(model, mixture, schedule, tmp_path):
     x0 = mixture.sample(96, torch.Generator().manual_seed(3))
     kw = dict(mid="m", dataset="gmm", timesteps=[0, 300, 999], batch_size=16, seed=7, progress=False)
-    full = estimate_to_file(model, x0, schedule, tmp_path / "a" / "g.pt", **kw)
-    path = tmp_path / "b" / "g.pt"
+    full = estimate_to_file(model, x0, schedule, tmp_path / "a" / "g.safetensors", **kw)
+    path = tmp_path / "b" / "g.safetensors"
     assert estimate_to_file(model, x0, schedule, path, max_batches=2, **kw) is None   # "interrupted"
-    assert (path.parent / "g.pt.partial0of1").exists() and not path.exists()
+    assert (path.parent / "g.safetensors.partial0of1").exists() and not path.exists()
     resumed = estimate_to_file(model, x0, schedule, path, **kw)
     assert torch.equal(resumed["gamma"], full["gamma"]) and torch.equal(resumed["stderr"], full["stderr"])
-    assert resumed["M"] == 96 and not (path.parent / "g.pt.partial0of1").exists()
+    assert resumed["M"] == 96 and not (path.parent / "g.safetensors.partial0of1").exists()
 
 
 def _dist_worker(rank, world, port, x0, path, kw, schedule, mixture):
@@ -101,15 +101,15 @@ def test_distributed_shards_and_all_reduces(model, mixture, schedule, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ctx = mp.start_processes(_dist_worker, args=(2, port, x0, tmp_path / "g.pt", kw, schedule, mixture), nprocs=2,
-                             start_method="spawn", join=False)
+    ctx = mp.start_processes(_dist_worker, args=(2, port, x0, tmp_path / "g.safetensors", kw, schedule, mixture),
+                             nprocs=2, start_method="spawn", join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("distributed Gamma workers did not finish in 120 s")
-    g = torch.load(tmp_path / "g.pt", weights_only=False)
+    g = load_gamma(tmp_path / "g.safetensors")
     ref = None
     for r in range(2):
         st = estimate_gamma(model, batches(x0[r::2], 8), schedule, kw["timesteps"],

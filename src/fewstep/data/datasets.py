@@ -9,7 +9,9 @@ One entry point, `load_dataset(cfg.dataset, split)`, dispatches on `cfg.dataset.
                  (1000). A plain first-4000 / last-1000 cut would put only digits 0-7 in train and 8-9 in
                  test, because the csv is sorted by label.
   digits         scikit-learn's 1797 8x8 digits (values 0..16); train = first 1437 (80 %), test = last 360.
-  cifar10        the python pickle batches (data_batch_1..5 / test_batch) of cifar-10-batches-py.
+  cifar10        the python pickle batches (data_batch_1..5 / test_batch) of cifar-10-batches-py, read by an
+                 unpickler that admits only what they hold (dicts, lists, bytes, str, int and numpy arrays):
+                 any other global a file names (a function that would run) is refused unread.
   image_folder   any folder of png/jpg/jpeg/bmp/webp images, resized (shorter side) and center-cropped.
   gmm            samples of fewstep.backbones.gmm.GaussianMixture; NOT clipped to [-1, 1] (the default
                  ring, radius 0.7 and std 0.1, lies inside it up to rare Gaussian tails), because the
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SPLITS = ("train", "test")
@@ -39,6 +43,10 @@ NATIVE_SHAPES = {"fashion_mnist": (1, 28), "mnist5k": (1, 28), "digits": (1, 8),
 
 class DatasetMissing(FileNotFoundError):
     """A dataset file is absent; the message says how to get it."""
+
+
+class DatasetRefused(ConfigError):
+    """A dataset file names code to run (a pickle global outside the data types); it is not loaded."""
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -147,6 +155,44 @@ def _resolve_root(root) -> Path:
     return p
 
 
+def _latin1_bytes(text, encoding):
+    """What a protocol-2 pickle written by Python 3 stores bytes as, _codecs.encode(str, 'latin1'); nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise DatasetRefused(f"a dataset pickle calls _codecs.encode({type(text).__name__}, {encoding!r}): "
+                             f"refusing to load it")
+    return text.encode("latin1")
+
+
+def _data_globals() -> dict:
+    """The only globals a batch's pickle may name: a numpy array's _reconstruct (numpy 1 and 2 module paths),
+    ndarray and dtype, and the bytes of a Python 3 protocol-2 pickle (see _latin1_bytes)."""
+    core = getattr(np, "_core", None) or np.core
+    rec = core.multiarray._reconstruct
+    return {("numpy.core.multiarray", "_reconstruct"): rec, ("numpy._core.multiarray", "_reconstruct"): rec,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
+
+
+class DataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals of data (`_data_globals`).
+
+    Dicts, lists, tuples, bytes, str and numbers need no global (the CIFAR-10 batches, pickled by Python 2,
+    name only the numpy ones); any other global (a function the pickle would call while loading: os.system,
+    open, ...) is a one-line DatasetRefused, before anything runs.
+    """
+
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self.name = getattr(file, "name", "a dataset pickle")
+
+    def find_class(self, module, name):
+        obj = _data_globals().get((module, name))
+        if obj is None:
+            raise DatasetRefused(f"{self.name} names {module}.{name}, which a data "
+                                 f"file does not need: refusing to load it (only dicts, lists, bytes, str and "
+                                 f"numpy arrays are read)")
+        return obj
+
+
 def load_cifar10(root: str = "data/cifar-10-batches-py", split: str = "train", with_labels: bool = False):
     """CIFAR-10 (Krizhevsky 2009) from the python pickle batches: dict b'data' (N x 3072 uint8,
     planes R, G, B of 32 x 32 each) and b'labels'."""
@@ -161,7 +207,9 @@ def load_cifar10(root: str = "data/cifar-10-batches-py", split: str = "train", w
     data, labels = [], []
     for f in files:
         with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = DataUnpickler(fh, encoding="bytes").load()
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise DatasetRefused(f"{f} is not a CIFAR-10 python batch (a dict with b'data' and b'labels')")
         data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch[b"labels"])
     x = to_unit_range(np.concatenate(data))

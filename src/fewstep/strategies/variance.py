@@ -21,7 +21,9 @@ in [a, b]^d, <= ((b - a) / 2)^2; the estimate is clipped to those bounds, as the
 clip((bb_t / ab_t)(1 - Gamma_t), 0, 1).
 
 Gamma is estimated once per model by Monte Carlo over data (`estimate_gamma`, run by `task=gamma`) and
-stored in a file keyed by the model's content hash (`model_id`), the dataset and M.
+stored in a file keyed by the model's content hash (`model_id`), the dataset and M: a safetensors file
+(`fewstep.safe_io`, nothing in it can run code when it is read) whose tensors are timesteps, gamma, stderr
+and the running sums, and whose JSON metadata holds the key and the provenance.
 
 Optimal trajectory (Sec. 4 / App.): with the optimal variances the K-step DDPM bound is, up to terms that
 telescope, sum over jumps of (d/2) log(1 - beta_{t|s} Gamma_t / bb_t); `dp_trajectory` minimises it by
@@ -44,9 +46,13 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..safe_io import load_tensors, save_tensors
 from ..schedule import NoiseSchedule
 
-GAMMA_FORMAT = 1
+GAMMA_FORMAT = 2              # 1: the earlier torch.save pickle (.pt), no longer read
+GAMMA_KIND = "gamma"
+GAMMA_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".pt"
 CLIP_PIXEL_DEFAULT = {"ddpm": 2.0, "ddim": 1.0}  # official Analytic-DPM runs (CIFAR-10, linear schedule)
 VARIANCES = ("fixed", "analytic")
 
@@ -216,60 +222,69 @@ def estimate_gamma(model, x0_iter: Iterable[torch.Tensor], schedule: NoiseSchedu
 # ============================================================================ Gamma files
 
 def gamma_filename(mid: str, dataset: str, M: int) -> str:
-    return f"gamma_{mid}_{dataset}_M{int(M)}.pt"
+    return f"gamma_{mid}_{dataset}_M{int(M)}{GAMMA_SUFFIX}"
 
 
 def save_gamma(path, stats: GammaStats, *, model_id: str, dataset: str, schedule: NoiseSchedule,
                pretrained=None, **extra) -> Path:
-    """Write a Gamma file atomically: gamma, stderr, timesteps and the key (model, dataset, M, schedule)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": GAMMA_FORMAT, "model_id": model_id, "pretrained": None if pretrained is None else str(pretrained),
-           "dataset": str(dataset), "M": int(stats.count), "schedule_id": schedule_id(schedule), "N": schedule.N,
-           "timesteps": torch.as_tensor(stats.timesteps), "gamma": torch.as_tensor(stats.gamma),
-           "stderr": torch.as_tensor(stats.stderr), "stats": stats.state_dict(),
-           "created": _dt.datetime.now().isoformat(timespec="seconds"), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    """Write a Gamma file atomically (safetensors): tensors timesteps, gamma, stderr and the running sums
+    stats_sum / stats_sumsq; JSON metadata the key (model, dataset, M, schedule) and `extra`."""
+    tensors = {"timesteps": torch.as_tensor(stats.timesteps), "gamma": torch.as_tensor(stats.gamma),
+               "stderr": torch.as_tensor(stats.stderr), "stats_sum": torch.as_tensor(stats.sum),
+               "stats_sumsq": torch.as_tensor(stats.sumsq)}
+    meta = {"format": GAMMA_FORMAT, "model_id": model_id, "pretrained": None if pretrained is None else str(pretrained),
+            "dataset": str(dataset), "M": int(stats.count), "schedule_id": schedule_id(schedule), "N": schedule.N,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"), **extra}
+    return save_tensors(path, tensors, GAMMA_KIND, meta)
 
 
 def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSchedule] = None,
                command: Optional[str] = None) -> dict:
-    """Read a Gamma file; refuse one made for another model or noise schedule (one-line GammaMismatch)."""
+    """Read a Gamma file -> dict of its metadata, tensors (timesteps, gamma, stderr), `stats` (GammaStats
+    state) and `path`; refuse one made for another model or noise schedule (one-line GammaMismatch), and
+    anything that is not a safetensors Gamma file (a pickle of the earlier .pt format is never unpickled)."""
     path = Path(os.path.expanduser(str(path)))
     hint = f": estimate it with `{command}`" if command else ""
     if not path.is_file():
         raise GammaMissing(f"variance.gamma_path={path}: file not found{hint}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(obj, dict) or obj.get("format") != GAMMA_FORMAT or "gamma" not in obj:
+    tensors, obj = load_tensors(path, GAMMA_KIND, f"re-estimate it with `{command or 'python run.py task=gamma'}`")
+    if obj.get("format") != GAMMA_FORMAT or not {"timesteps", "gamma", "stderr"} <= set(tensors):
         raise GammaMismatch(f"{path} is not a fewstep Gamma file (format {GAMMA_FORMAT}){hint}")
-    if model_id is not None and obj["model_id"] != model_id:
-        raise GammaMismatch(f"{path} holds Gamma of model {obj['model_id']} ({obj.get('pretrained')}, "
+    if model_id is not None and obj.get("model_id") != model_id:
+        raise GammaMismatch(f"{path} holds Gamma of model {obj.get('model_id')} ({obj.get('pretrained')}, "
                             f"dataset {obj.get('dataset')}), not of this model {model_id}; refusing it{hint}")
     if schedule is not None and obj.get("schedule_id") != schedule_id(schedule):
         raise GammaMismatch(f"{path} holds Gamma for another noise schedule (N={obj.get('N')}) than this model's "
                             f"(N={schedule.N}){hint}")
+    obj.update({k: tensors[k] for k in ("timesteps", "gamma", "stderr")})
+    if "stats_sum" in tensors and "stats_sumsq" in tensors:
+        obj["stats"] = {"timesteps": tensors["timesteps"].numpy(), "sum": tensors["stats_sum"].numpy(),
+                        "sumsq": tensors["stats_sumsq"].numpy(), "count": int(obj["M"])}
     obj["path"] = str(path)
     return obj
 
 
 def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None) -> Optional[Path]:
-    """The Gamma file of model `mid` in the first folder that has one: same dataset first, then largest M."""
-    for d in dirs:
-        if not d or not os.path.isdir(os.path.expanduser(str(d))):
-            continue
-        files = [Path(f) for f in glob.glob(os.path.join(os.path.expanduser(str(d)), f"gamma_{mid}_*.pt"))]
-        if not files:
-            continue
+    """The Gamma file of model `mid` in the first folder that has one: same dataset first, then largest M.
 
-        def key(f: Path):
-            stem = f.name[len(f"gamma_{mid}_"): -len(".pt")]
-            ds, _, m = stem.rpartition("_M")
-            return (ds == dataset, int(m) if m.isdigit() else -1, f.name)
+    Only when no folder has one, a legacy gamma_<mid>_*.pt (pickle) is returned, for load_gamma to refuse
+    with the command that makes a safe one (it is never unpickled).
+    """
+    for suffix in (GAMMA_SUFFIX, LEGACY_SUFFIX):
+        for d in dirs:
+            if not d or not os.path.isdir(os.path.expanduser(str(d))):
+                continue
+            files = [Path(f) for f in glob.glob(os.path.join(glob.escape(os.path.expanduser(str(d))),
+                                                             f"gamma_{mid}_*{suffix}"))]
+            if not files:
+                continue
 
-        return max(files, key=key)
+            def key(f: Path):
+                stem = f.name[len(f"gamma_{mid}_"): -len(suffix)]
+                ds, _, m = stem.rpartition("_M")
+                return (ds == dataset, int(m) if m.isdigit() else -1, f.name)
+
+            return max(files, key=key)
     return None
 
 
@@ -528,7 +543,7 @@ def validate_variance_cfg(cfg_variance, cfg_sampler=None) -> None:
 def build_variance(cfg_variance, cfg_sampler, schedule: NoiseSchedule, model_id: str):
     """variance=fixed -> None (the sampler's own variance); variance=analytic -> AnalyticVariance.
 
-    Gamma comes from variance.gamma_path, else from the newest matching gamma_<model_id>_*.pt in
+    Gamma comes from variance.gamma_path, else from the best matching gamma_<model_id>_*.safetensors in
     variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
     one-line error naming the `python run.py task=gamma ...` command that makes the right one.
     """

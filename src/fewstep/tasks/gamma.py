@@ -10,7 +10,8 @@ What it does: takes a seeded random subset of M points of `task.split` of the da
 timestep in `task.timesteps` (default all N) draws one x_t per point, x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,
 and averages ||eps_theta(x_t, t)||^2 / d (`fewstep.strategies.variance.estimate_gamma`, batched, N model
 calls per batch). The result, with its per-timestep standard error, goes to
-`<out_dir>/gamma_<model_id>_<dataset>_M<M>.pt`; `model_id` is a content hash of the network's weights, so
+`<out_dir>/gamma_<model_id>_<dataset>_M<M>.safetensors` (tensors + JSON metadata, see
+`fewstep.strategies.variance.save_gamma`); `model_id` is a content hash of the network's weights, so
 `variance=analytic` finds the file of exactly this model and refuses a Gamma of another one. out_dir
 defaults to the pretrained folder when it is a local, writable folder, else to task.cache_dir.
 
@@ -19,8 +20,10 @@ Analytic-DPM runs use the whole training set (M = 50k for CIFAR-10); a few thous
 standard error far below the differences that matter for the variance (it is printed).
 
 Resumable: every `task.save_every` batches each process writes its running sums and noise-generator state
-to `<file>.partial<rank>of<world>`; rerunning the same command continues where it stopped and gives exactly
-the numbers of an uninterrupted run. A finished file is reused unless task.overwrite=true.
+to `<file>.partial<rank>of<world>` (safetensors: sums and generator state as tensors, the settings key as
+JSON metadata); rerunning the same command continues where it stopped and gives exactly the numbers of an
+uninterrupted run. A finished file is reused unless task.overwrite=true. Files of the earlier pickle format
+(.pt) are never read: a partial at the looked-up path that is not a safetensors partial is a one-line error.
 
 Several devices: with a multi-device trainer (trainer.devices > 1, num_nodes > 1 or a ddp strategy) the task
 launches its processes with Lightning Fabric (a torchrun-style launch that already initialised
@@ -37,8 +40,12 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..safe_io import jsonable, load_tensors, save_tensors
 from ..strategies.variance import (GammaStats, check_timesteps, estimate_gamma, gamma_filename, load_gamma, model_id,
                                    save_gamma, schedule_id)
+
+
+PARTIAL_KIND = "gamma-partial"
 
 
 def default_out_dir(cfg) -> Path:
@@ -106,19 +113,23 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
     generator = torch.Generator().manual_seed(_rank_seed(seed, rank))
     stats = GammaStats(ts)
     if partial.exists():
-        st = torch.load(partial, map_location="cpu", weights_only=False)
-        if st.get("key") == key:
-            stats = GammaStats.from_state_dict(st["stats"])
+        st, meta = load_tensors(partial, PARTIAL_KIND, "delete it and rerun (the estimate starts over)")
+        if meta.get("key") == jsonable(key):
+            stats = GammaStats(st["timesteps"].numpy(), st["sum"].numpy(), st["sumsq"].numpy(), int(meta["count"]))
             generator.set_state(st["generator"])
             if progress:
                 print(f"[fewstep] gamma: resuming from {partial} ({stats.count}/{len(shard)} points of rank {rank})")
         elif progress:
             print(f"[fewstep] gamma: ignoring {partial} (made with other settings)")
+    legacy = path.with_name(f"{path.stem}.pt.partial{rank}of{world}")
+    if legacy != partial and legacy.exists() and progress:
+        print(f"[fewstep] gamma: not reading {legacy} (the earlier pickle format, which can run code); "
+              f"the estimate starts over, delete that file")
 
     def save_partial(s: GammaStats):
-        tmp = partial.with_name(partial.name + ".tmp")
-        torch.save({"key": key, "stats": s.state_dict(), "generator": generator.get_state()}, tmp)
-        os.replace(tmp, partial)
+        save_tensors(partial, {"timesteps": torch.as_tensor(s.timesteps), "sum": torch.as_tensor(s.sum),
+                               "sumsq": torch.as_tensor(s.sumsq), "generator": generator.get_state()},
+                     PARTIAL_KIND, {"key": key, "count": int(s.count)})
 
     done = stats.count
     todo = shard[done:]

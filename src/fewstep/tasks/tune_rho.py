@@ -26,7 +26,9 @@ and the teacher would not share a trajectory.
 
 Teacher targets cost T network calls per sample; they are cached in task.cache_dir in a file keyed by the
 model's content hash, the schedule, the teacher sampler, task.seed and the number of samples, and reused by
-any later run with the same key (a file made with anything else is never read).
+any later run with the same key (a file made with anything else is never read). The file is safetensors
+(x0 as a tensor, the key as JSON metadata); a file at that path in any other format (a pickle of the earlier
+.pt format) is refused with one line, never unpickled.
 
 Outputs in the run folder: rho.yaml (the file `skip=learned skip.path=<file>` loads, exactly the same
 scales), loss.csv (the training loss per step), rho.png, metrics.json (objective on the training and
@@ -42,7 +44,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import List
 
@@ -53,10 +54,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..config import ConfigError
+from ..safe_io import jsonable, load_tensors, save_tensors
 from ..samplers import sample
 from ..samplers.noise import SampleNoise
 
 OBJECTIVES = ("trajectory", "features")
+TEACHER_KIND = "teacher"
 DETERMINISTIC = ("ddim", "dpmpp", "euler", "heun")
 
 
@@ -168,12 +171,17 @@ def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torc
                seed=int(t.seed), n=int(len(indices)), first=int(indices[0]), shape=list(shape),
                parameterization=model.parameterization)
     use_cache = bool(t.get("teacher_cache", True))
-    path = Path(str(t.cache_dir)) / f"teacher_{mid}_{scfg.name}{scfg.steps}_s{t.seed}_n{len(indices)}_{_hash(key)}.pt"
+    path = Path(str(t.cache_dir)) / f"teacher_{mid}_{scfg.name}{scfg.steps}_s{t.seed}_n{len(indices)}_{_hash(key)}"
+    path, legacy = path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".pt")
     if use_cache and path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("key") == key:
+        blob, meta = load_tensors(path, TEACHER_KIND, "delete it (the next run recomputes the targets) "
+                                                      "or set task.teacher_cache=false")
+        if meta.get("key") == jsonable(key) and "x0" in blob:
             print(f"[tune_rho] teacher targets from {path}")
             return blob["x0"]
+    elif use_cache and legacy.exists():
+        print(f"[tune_rho] not reading {legacy} (the earlier pickle format, which can run code); "
+              f"recomputing the teacher targets, delete that file")
     print(f"[tune_rho] teacher: {scfg.name} with {scfg.steps} steps on {len(indices)} samples")
     out, bs = [], int(t.batch_size)
     for lo in range(0, len(indices), bs):
@@ -183,10 +191,7 @@ def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torc
         out.append(sample(scfg, model, noise(), noise, model.schedule).float().cpu())
     x0 = torch.cat(out)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "x0": x0}, tmp)
-        os.replace(tmp, path)
+        save_tensors(path, {"x0": x0}, TEACHER_KIND, {"key": key})
     return x0
 
 
