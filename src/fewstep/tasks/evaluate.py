@@ -25,7 +25,6 @@ world = 1 and no process group.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from ..build import build_denoiser, resolve_device, sample_shape
-from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8, write_json_atomic
+from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
 from ..samplers import DEFAULT_SPACING, sample
 from ..samplers.noise import SampleNoise
@@ -191,12 +190,22 @@ def evaluate_rank(dist: Dist, cfg):
     return result, samples, arrays
 
 
-def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: Optional[dict] = None) -> dict:
+def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: Optional[dict] = None,
+                  hashed: Optional[dict] = None) -> dict:
     """The grid (or GMM scatter plot), samples.npz, `arrays` ({file name: {array name: array}}, e.g. the
-    per-image NLL), metrics.json (last, atomically) and the logger's run."""
+    per-image NLL), metrics.json (last of the files, atomically, with the config_hash of `hashed`: the
+    hashed config taken when the run started, default cfg's now), and only then the logger's run: no logger
+    failure can cost the result."""
+    from ..outputs import atomic_path, write_result
+
     out.mkdir(parents=True, exist_ok=True)
+
+    def savez(path, **named):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **named)
+
     for name, named in (arrays or {}).items():
-        np.savez_compressed(out / name, **named)
+        savez(out / name, **named)
     images = {}
     if cfg.dataset.name == "gmm":
         if samples.shape[1] == 2:
@@ -207,16 +216,16 @@ def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: O
     else:
         images["samples"] = save_grid(samples[: int(cfg.task.get("grid_size", 64))], out / "samples.png")
         if cfg.get("save_samples", False):
-            np.savez_compressed(out / "samples.npz", images=to_uint8(samples).numpy())
-    logger = RunLogger(cfg)
-    try:
-        write_json_atomic(out / METRICS_FILE, result)   # last: its presence means the run finished
-        logger.log(result, images)
-    finally:
-        logger.finish()
+            savez(out / "samples.npz", images=to_uint8(samples).numpy())
+    result = write_result(out, hashed if hashed is not None else cfg, result)  # its presence: the run finished
     print_table(result, [k for k in ("nfe", "macs_per_sample", "wall_time_s", "images_per_s", "fid", "fid_se", "precision",
                                      "recall", "inception_score", "nll_bpd", "nll_bpd_se", "mean_err", "cov_err", "data_loglik") if k in result])
     print(f"[fewstep] results in {out}")
+    logger = RunLogger(cfg)   # after the results: a logger failure is a warning line (outputs.RunLogger)
+    try:
+        logger.log(result, images)
+    finally:
+        logger.finish()
     return result
 
 
@@ -227,30 +236,66 @@ def _plain(cfg):
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 
+def _launcher_rank() -> int:
+    """The global rank a cluster launcher (torchrun, SLURM, MPI, LSF) gave this process; 0 if none did."""
+    import os
+
+    for key in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "JSM_NAMESPACE_RANK"):
+        v = os.environ.get(key, "")
+        if v.strip().isdigit():
+            return int(v)
+    return 0
+
+
 def run(cfg, out=None) -> dict:
     """Evaluate cfg; results go to `out` (default: the Hydra output folder, else the cwd).
 
-    Returns the metrics (an empty dict in the processes of a multi-process job that are not global rank 0)."""
-    out = Path(out) if out is not None else output_dir()
-    mfile = out / METRICS_FILE
-    if cfg.get("resume", False) and mfile.exists():
-        print(f"[fewstep] resume: {mfile} exists, nothing to do")
-        return json.loads(mfile.read_text())
-    trainer = cfg.get("trainer", None)
-    if is_multiprocess(trainer):
-        from ..config import ConfigError
-        from ..parallel import validate_trainer_cfg
+    The process that writes the results holds the folder's lock for the whole run (a second one is refused:
+    RunFolderBusy, one line, exit 2); with resume=true a metrics.json made by the same config (config_hash)
+    is returned as it is, any other is named on one line and the job runs again; a run moves the earlier
+    result files aside before it starts (metrics.json -> metrics.json.prev-<time>).
 
-        try:
-            validate_trainer_cfg(trainer)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
-        if isinstance(devices, int) and devices > 0 and int(cfg.n_samples) < devices * nodes:
-            raise ConfigError(f"n_samples must be >= the number of processes {devices * nodes} (got {cfg.n_samples})")
-        payload = run_parallel(trainer, evaluate_rank, _plain(cfg))
-        if payload is None:
-            return {}
-    else:
-        payload = evaluate_rank(SINGLE, cfg)
-    return write_outputs(cfg, out, *payload)
+    Returns the metrics (an empty dict in the processes of a multi-process job that are not global rank 0)."""
+    from ..outputs import RunFolder, finished_result, hashed_config, move_results_aside
+
+    out = Path(out) if out is not None else output_dir()
+    trainer = cfg.get("trainer", None)
+    multi = is_multiprocess(trainer)
+    # under a cluster launcher every rank runs this function; only global rank 0 writes (and locks)
+    writer = not multi or _launcher_rank() == 0
+    hashed = hashed_config(cfg)
+    lock = RunFolder(out).acquire() if writer else None
+    try:
+        if cfg.get("resume", False):
+            done, why = finished_result(hashed, out)
+            if done is not None:
+                print(f"[fewstep] resume: {out / METRICS_FILE} was made by this config "
+                      f"(config_hash {done['config_hash']}), nothing to do")
+                return done
+            if why:
+                print(f"[fewstep] resume: re-running {out}: {why}")
+        if writer:
+            moved = move_results_aside(out)
+            if moved:
+                print(f"[fewstep] earlier results in {out} moved aside: {', '.join(moved)}")
+        if multi:
+            from ..config import ConfigError
+            from ..parallel import validate_trainer_cfg
+
+            try:
+                validate_trainer_cfg(trainer)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+            if isinstance(devices, int) and devices > 0 and int(cfg.n_samples) < devices * nodes:
+                raise ConfigError(f"n_samples must be >= the number of processes {devices * nodes} "
+                                  f"(got {cfg.n_samples})")
+            payload = run_parallel(trainer, evaluate_rank, _plain(cfg))
+            if payload is None:
+                return {}
+        else:
+            payload = evaluate_rank(SINGLE, cfg)
+        return write_outputs(cfg, out, *payload, hashed=hashed)
+    finally:
+        if lock is not None:
+            lock.release()
