@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from fewstep.backbones.gmm import GaussianMixture, GMMExact
 from fewstep.denoiser import Denoiser
-from fewstep.samplers import SAMPLERS, sample, sampler_timesteps, validate_sampler_cfg
+from fewstep.samplers import SAMPLERS, planned_nfe, sample, sampler_timesteps, validate_sampler_cfg
 from fewstep.samplers.ddim import sample_ddim
 from fewstep.samplers.ddpm import sample_ddpm
 from fewstep.samplers.dpmpp import dpmpp_orders, sample_dpmpp
@@ -236,3 +236,40 @@ def test_validate_accepts_shipped_configs():
     conf = Path(__file__).resolve().parents[1] / "conf" / "sampler"
     for f in sorted(conf.glob("*.yaml")):
         validate_sampler_cfg(OmegaConf.load(f))
+
+
+# ----------------------------------------------------------------------------- the sampler interface
+EVERY = {"ddpm": {}, "ddim": dict(eta=0.5), "dpmpp": dict(order=3, timesteps="logsnr"), "euler": {}, "heun": {},
+         "diffusers": dict(scheduler="UniPCMultistepScheduler", kwargs={}),
+         "diffusers_heun": dict(name="diffusers", scheduler="HeunDiscreteScheduler", kwargs={})}
+
+
+@pytest.mark.parametrize("key", list(EVERY))
+def test_samplers_take_any_callable_and_report_each_step(key, model, schedule, z):
+    """A bare function (no .x0, no counters) samples exactly like the Denoiser; extra_args reach every call
+    untouched; callback(i, t, x, x0) comes once per step with x0 = the data prediction at that state; and
+    planned_nfe is the number of calls actually made (diffusers' Heun: 2 M - 1)."""
+    cfg = OmegaConf.create({"name": key, "steps": 6, **EVERY[key]})
+    seen, steps = [], []
+
+    def bare(x, t, **extra):
+        seen.append(extra)
+        return model(x, t)
+
+    def callback(i, t, x, x0):
+        steps.append((i, t, x0.clone(), schedule.x0_from_eps(x, t, model(x, t))))
+
+    ref = sample(cfg, model, z, SampleNoise(3, range(len(z)), (2,)), schedule)
+    model.reset()
+    x = sample(cfg, bare, z, SampleNoise(3, range(len(z)), (2,)), schedule, callback=callback,
+               extra_args={"cond": "c"})
+    assert torch.equal(x, ref)
+    assert len(seen) == planned_nfe(cfg, schedule) and all(e == {"cond": "c"} for e in seen)
+    assert [i for i, *_ in steps] == list(range(len(steps))) and len(steps) >= 6
+    ts = [t for _, t, *_ in steps]
+    if key != "diffusers_heun":      # Heun's scheduler goes back up to the step's start for its correction
+        assert ts == sorted(ts, reverse=True)
+    for _, _, x0, expect in steps:
+        torch.testing.assert_close(x0, expect, rtol=1e-6, atol=1e-6)
+    if key in ("heun", "diffusers_heun"):
+        assert planned_nfe(cfg, schedule) == 11

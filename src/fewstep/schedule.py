@@ -91,20 +91,15 @@ class NoiseSchedule:
         ab = 1.0 / (1.0 + np.exp(2 * self.log_sigma_at(t)))
         return np.where(t < 0, 1.0, ab)
 
+    def x0_from_eps(self, x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """Tweedie / DDIM data prediction x0 = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t) (DDIM eq. 9), in x's dtype."""
+        ab = torch.as_tensor(float(self.alpha_bar_at(t)), dtype=x.dtype, device=x.device)
+        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
     def sigma_to_t(self, sigma):
         """Inverse of sigma(t): fractional timestep whose noise level is sigma."""
         log_sigma = np.log(np.asarray(sigma, dtype=np.float64))
         return np.interp(log_sigma, self.log_sigmas, np.arange(self.N, dtype=np.float64))
-
-    def t_to_continuous(self, t):
-        """Discrete index t in [0, N-1] -> continuous time in (0, 1] (t_cont = (t + 1) / N)."""
-        return (np.asarray(t, dtype=np.float64) + 1.0) / self.N
-
-    def continuous_to_t(self, u):
-        return np.asarray(u, dtype=np.float64) * self.N - 1.0
-
-    def torch_alpha_bar(self, device=None) -> torch.Tensor:
-        return torch.as_tensor(self.alpha_bar, dtype=torch.float64, device=device)
 
 
 def select_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "linspace",

@@ -1,4 +1,4 @@
-"""Samplers: one short function per family, all over a Denoiser `model(x, t) -> eps`.
+"""Samplers: one short function per family, over any callable `model(x, t, **extra_args) -> eps`.
 
     ddpm       ancestral (Ho et al. 2020) on any timestep subsequence        ddpm.py
     ddim       generalized DDIM step, eta >= 0 (Song et al. 2021, eq. 12)    ddim.py
@@ -6,8 +6,12 @@
     euler/heun EDM Alg. 1 in sigma space (Karras et al. 2022)               edm.py
     diffusers  any DDPM-type diffusers scheduler, by class name              diffusers_sampler.py
 
-`sample(cfg, model, z, noise, schedule, variance)` is the one entry point the tasks use. NFE is
-counted by the model. Nothing here forces torch.no_grad(): wrap the call yourself when sampling,
+`sample(cfg, model, z, noise, schedule, variance, callback, extra_args)` is the one entry point the
+tasks use. A sampler needs nothing of the model but eps: the data prediction x0 comes from eps and the
+schedule (`schedule.x0_from_eps`). `extra_args` (e.g. a condition) go to every model call untouched, as in
+k-diffusion; `callback(i, t, x, x0)` sees the state x_t (VP form, what the network sees) and the data
+prediction before each step (for diagnostics: skip norms, probing). `planned_nfe` says how many model
+calls a config makes before any is made (DeepCache plans its schedule with it). NFE is counted by the model. Nothing here forces torch.no_grad(): wrap the call yourself when sampling,
 leave it off to back-propagate through the sampler (e.g. to fit skip coefficients).
 """
 from __future__ import annotations
@@ -20,15 +24,16 @@ import torch
 from ..schedule import SPACINGS, select_timesteps
 from .ddim import sample_ddim
 from .ddpm import VAR_TYPES, sample_ddpm
-from .diffusers_sampler import sample_diffusers, scheduler_class
+from .diffusers_sampler import planned_calls, sample_diffusers, scheduler_class
 from .dpmpp import check_lower_order_final, sample_dpmpp
 from .edm import edm_sigmas, sample_euler, sample_heun
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun", "diffusers")
+VARIANCE_SAMPLERS = ("ddpm", "ddim")  # the samplers whose steps take a reverse variance (variance=analytic)
 DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp": "linspace", "euler": "karras", "heun": "karras"}
 ANALYTIC_DP = "analytic_dp"  # timesteps chosen by the Analytic-DPM dynamic programme of the variance rule
 
-__all__ = ["SAMPLERS", "sample", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
+__all__ = ["SAMPLERS", "VARIANCE_SAMPLERS", "sample", "planned_nfe", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
            "sample_dpmpp", "sample_euler", "sample_heun", "sample_diffusers"]
 
 
@@ -88,25 +93,40 @@ def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:
     return select_timesteps(schedule, int(cfg.get("steps")), spacing, endpoint=bool(cfg.get("endpoint", True)))
 
 
-def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None) -> torch.Tensor:
+def planned_nfe(cfg, schedule, variance=None) -> int:
+    """The number of model calls `sample(cfg, ...)` will make: one per timestep, Heun's 2 M - 1 (no
+    correction on the last step), a diffusers scheduler's own timestep count."""
+    validate_sampler_cfg(cfg)
+    name = cfg.get("name")
+    if name == "diffusers":
+        return planned_calls(schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg))
+    m = len(sampler_timesteps(cfg, schedule, variance))
+    return 2 * m - 1 if name == "heun" else m
+
+
+def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None, callback=None,
+           extra_args: Optional[dict] = None) -> torch.Tensor:
     """x_0 from initial noise z ~ N(0, I) with the sampler described by the config node `cfg`.
 
     noise: a SampleNoise (per-sample N(0, I) for stochastic steps; its generators feed stochastic
     diffusers schedulers). variance: an optional reverse-variance rule variance(t, s, lam2) -> sigma2
-    used by ddpm and ddim (Analytic-DPM); the ODE samplers ignore it.
+    used by ddpm and ddim (Analytic-DPM; validation refuses it elsewhere). callback(i, t, x, x0) and
+    extra_args: see the module docstring.
     """
     validate_sampler_cfg(cfg)
     name = cfg.get("name")
+    kw = dict(callback=callback, extra_args=extra_args)
     if name == "diffusers":
-        return sample_diffusers(model, z, schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg), noise=noise)
+        return sample_diffusers(model, z, schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg),
+                                noise=noise, **kw)
     ts = sampler_timesteps(cfg, schedule, variance)
     if name == "ddim":
-        return sample_ddim(model, z, ts, schedule, eta=float(cfg.get("eta", 0.0)), noise=noise, variance=variance)
+        return sample_ddim(model, z, ts, schedule, eta=float(cfg.get("eta", 0.0)), noise=noise, variance=variance, **kw)
     if name == "ddpm":
         return sample_ddpm(model, z, ts, schedule, var_type=cfg.get("var_type", "beta_tilde"), noise=noise,
-                           variance=variance)
+                           variance=variance, **kw)
     if name == "dpmpp":
         return sample_dpmpp(model, z, ts, schedule, order=int(cfg.get("order", 2)),
-                            lower_order_final=cfg.get("lower_order_final", True))
+                            lower_order_final=cfg.get("lower_order_final", True), **kw)
     x = float(edm_sigmas(ts, schedule)[0]) * z  # EDM: x = sigma_max z in VE space
-    return (sample_euler if name == "euler" else sample_heun)(model, x, ts, schedule)
+    return (sample_euler if name == "euler" else sample_heun)(model, x, ts, schedule, **kw)

@@ -23,6 +23,7 @@ import torch
 
 Noise = Callable[[], torch.Tensor]
 VarianceRule = Callable[[float, float, float], float]
+Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]   # callback(i, t, x_t, x0_pred)
 
 
 def jumps(ts: np.ndarray):
@@ -47,18 +48,23 @@ def generalized_step(x0: torch.Tensor, eps: torch.Tensor, ab_s: float, lam2: flo
 
 
 def sample_ddim(model, x: torch.Tensor, ts: np.ndarray, schedule, eta: float = 0.0,
-                noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None) -> torch.Tensor:
+                noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None,
+                callback: Optional[Callback] = None, extra_args: Optional[dict] = None) -> torch.Tensor:
     """DDIM sampling from x = x_T ~ N(0, I) over decreasing timesteps ts (fractional allowed).
 
-    `noise()` gives the N(0, I) draws of the stochastic steps (eta > 0 or a variance rule);
-    pass a SampleNoise for per-sample reproducibility (torch.randn_like when None).
+    `model(x, t, **extra_args) -> eps` is any callable; `noise()` gives the N(0, I) draws of the stochastic
+    steps (eta > 0 or a variance rule); pass a SampleNoise for per-sample reproducibility (torch.randn_like
+    when None). `callback(i, t, x, x0)` sees each step's state and data prediction before the step.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (got {eta})")
-    for t, s in jumps(ts):
+    extra_args = extra_args or {}
+    for i, (t, s) in enumerate(jumps(ts)):
         ab_t, ab_s = float(schedule.alpha_bar_at(t)), float(schedule.alpha_bar_at(s))
-        eps = model(x, t)
-        x0 = model.x0(x, t, eps)
+        eps = model(x, t, **extra_args)
+        x0 = schedule.x0_from_eps(x, t, eps)
+        if callback is not None:
+            callback(i, t, x, x0)
         lam2 = eta ** 2 * beta_tilde(ab_t, ab_s)
         sigma2 = 0.0 if s < 0 else (lam2 if variance is None else float(variance(t, s, lam2)))
         x = generalized_step(x0, eps, ab_s, lam2, sigma2, noise)

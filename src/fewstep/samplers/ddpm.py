@@ -18,20 +18,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ddim import Noise, VarianceRule, beta_tilde, generalized_step, jumps
+from .ddim import Callback, Noise, VarianceRule, beta_tilde, generalized_step, jumps
 
 VAR_TYPES = ("beta_tilde", "beta")
 
 
 def sample_ddpm(model, x: torch.Tensor, ts: np.ndarray, schedule, var_type: str = "beta_tilde",
-                noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None) -> torch.Tensor:
-    """Ancestral sampling from x = x_T ~ N(0, I) over decreasing timesteps ts."""
+                noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None,
+                callback: Optional[Callback] = None, extra_args: Optional[dict] = None) -> torch.Tensor:
+    """Ancestral sampling from x = x_T ~ N(0, I) over decreasing timesteps ts; model, callback and
+    extra_args as in sample_ddim."""
     if var_type not in VAR_TYPES:
         raise ValueError(f"unknown var_type '{var_type}' (choose from {', '.join(VAR_TYPES)})")
-    for t, s in jumps(ts):
+    extra_args = extra_args or {}
+    for i, (t, s) in enumerate(jumps(ts)):
         ab_t, ab_s = float(schedule.alpha_bar_at(t)), float(schedule.alpha_bar_at(s))
-        eps = model(x, t)
-        x0 = model.x0(x, t, eps)
+        eps = model(x, t, **extra_args)
+        x0 = schedule.x0_from_eps(x, t, eps)
+        if callback is not None:
+            callback(i, t, x, x0)
         lam2 = beta_tilde(ab_t, ab_s)
         if s < 0:
             sigma2 = 0.0

@@ -58,16 +58,29 @@ def build_scheduler(name: str, schedule, kwargs: Optional[dict] = None):
     return cls(**args)
 
 
+def planned_calls(schedule, scheduler: str, steps: int, kwargs: Optional[dict] = None) -> int:
+    """How many model calls `scheduler` makes for `steps` steps: its timestep list after set_timesteps
+    (HeunDiscreteScheduler, for one, repeats the inner timesteps: 2 steps - 1 calls)."""
+    sched = build_scheduler(scheduler, schedule, kwargs)
+    sched.set_timesteps(steps)
+    return len(sched.timesteps)
+
+
 def sample_diffusers(model, z: torch.Tensor, schedule, scheduler: str, steps: int, kwargs: Optional[dict] = None,
-                     noise=None) -> torch.Tensor:
-    """Run diffusers' `scheduler` for `steps` steps from z ~ N(0, I)."""
+                     noise=None, callback=None, extra_args=None) -> torch.Tensor:
+    """Run diffusers' `scheduler` for `steps` steps from z ~ N(0, I). callback(i, t, x_vp, x0) at each call,
+    with x_vp = the scaled model input."""
+    extra_args = extra_args or {}
     sched = build_scheduler(scheduler, schedule, kwargs)
     sched.set_timesteps(steps, device=z.device)
     step_kwargs = {}
     if "generator" in inspect.signature(sched.step).parameters and hasattr(noise, "generators"):
         step_kwargs["generator"] = list(noise.generators)
     x = z * sched.init_noise_sigma
-    for t in sched.timesteps:
-        eps = model(sched.scale_model_input(x, t), float(t))
+    for i, t in enumerate(sched.timesteps):
+        x_in = sched.scale_model_input(x, t)
+        eps = model(x_in, float(t), **extra_args)
+        if callback is not None:
+            callback(i, float(t), x_in, schedule.x0_from_eps(x_in, float(t), eps))
         x = sched.step(eps, t, x, **step_kwargs).prev_sample
     return x

@@ -58,18 +58,22 @@ def dpmpp_orders(steps: int, order: int, lower_order_final=True) -> list:
 
 
 def sample_dpmpp(model, x: torch.Tensor, ts: np.ndarray, schedule, order: int = 2,
-                 lower_order_final=True) -> torch.Tensor:
-    """DPM-Solver++(order)M from x = x_T ~ N(0, I) over decreasing timesteps ts, ending at sigma = 0."""
+                 lower_order_final=True, callback=None, extra_args=None) -> torch.Tensor:
+    """DPM-Solver++(order)M from x = x_T ~ N(0, I) over decreasing timesteps ts, ending at sigma = 0.
+    model(x, t, **extra_args) -> eps; callback(i, t, x, x0) before each step (as in sample_ddim)."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (got {order})")
     ts = np.asarray(ts, dtype=np.float64)
     ab = schedule.alpha_bar_at(ts)
     alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
     lam = np.log(alpha) - np.log(sigma)
+    extra_args = extra_args or {}
     D = []  # x0 predictions of the last steps, newest last
     for i, (t, k) in enumerate(zip(ts, dpmpp_orders(len(ts), order, lower_order_final))):
-        eps = model(x, float(t))
-        D = (D + [model.x0(x, float(t), eps)])[-3:]
+        eps = model(x, float(t), **extra_args)
+        D = (D + [schedule.x0_from_eps(x, float(t), eps)])[-3:]
+        if callback is not None:
+            callback(i, float(t), x, D[-1])
         if i == len(ts) - 1:                               # sigma_{i+1} = 0: x = D_i exactly
             x = D[-1]
             break

@@ -25,28 +25,41 @@ def edm_sigmas(ts: np.ndarray, schedule) -> np.ndarray:
     return np.append(np.exp(schedule.log_sigma_at(np.asarray(ts, dtype=np.float64))), 0.0)
 
 
-def edm_denoiser(model, schedule):
+def edm_denoiser(model, schedule, extra_args=None):
     """D(x, sigma) for a VP eps-prediction model (EDM Table 1, VP column)."""
+    extra_args = extra_args or {}
+
     def D(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        eps = model(x / math.sqrt(1.0 + sigma ** 2), float(schedule.sigma_to_t(sigma)))
+        eps = model(x / math.sqrt(1.0 + sigma ** 2), float(schedule.sigma_to_t(sigma)), **extra_args)
         return x - sigma * eps
     return D
 
 
-def sample_euler(model, x: torch.Tensor, ts: np.ndarray, schedule) -> torch.Tensor:
-    """EDM Euler from x = sigma_0 z (VE); returns x at sigma = 0."""
-    D, sigmas = edm_denoiser(model, schedule), edm_sigmas(ts, schedule)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - D(x, s)) / s                                  # Alg. 1 line 7
+def _report(callback, i, sigma, schedule, x, denoised):
+    """callback(i, t, x, x0) in the VP terms of the other samplers: x_vp = x / sqrt(1 + sigma^2), x0 = D."""
+    if callback is not None:
+        callback(i, float(schedule.sigma_to_t(sigma)), x / math.sqrt(1.0 + sigma ** 2), denoised)
+
+
+def sample_euler(model, x: torch.Tensor, ts: np.ndarray, schedule, callback=None, extra_args=None) -> torch.Tensor:
+    """EDM Euler from x = sigma_0 z (VE); returns x at sigma = 0. callback(i, t, x_vp, x0) at each step."""
+    D, sigmas = edm_denoiser(model, schedule, extra_args), edm_sigmas(ts, schedule)
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = D(x, s)
+        _report(callback, i, s, schedule, x, denoised)
+        d = (x - denoised) / s                                 # Alg. 1 line 7
         x = x + (s_next - s) * d                               # line 8
     return x
 
 
-def sample_heun(model, x: torch.Tensor, ts: np.ndarray, schedule) -> torch.Tensor:
-    """EDM Heun (Alg. 1, deterministic: S_churn = 0) from x = sigma_0 z (VE); returns x at sigma = 0."""
-    D, sigmas = edm_denoiser(model, schedule), edm_sigmas(ts, schedule)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - D(x, s)) / s                                  # line 7
+def sample_heun(model, x: torch.Tensor, ts: np.ndarray, schedule, callback=None, extra_args=None) -> torch.Tensor:
+    """EDM Heun (Alg. 1, deterministic: S_churn = 0) from x = sigma_0 z (VE); returns x at sigma = 0.
+    callback(i, t, x_vp, x0) at each step's first evaluation."""
+    D, sigmas = edm_denoiser(model, schedule, extra_args), edm_sigmas(ts, schedule)
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = D(x, s)
+        _report(callback, i, s, schedule, x, denoised)
+        d = (x - denoised) / s                                 # line 7
         x_next = x + (s_next - s) * d                          # line 8 (Euler step)
         if s_next > 0:                                         # lines 9-11: 2nd-order correction
             d_next = (x_next - D(x_next, s_next)) / s_next

@@ -1,8 +1,8 @@
 """Per-sample noise: sample i draws from its own generator seeded from (seed, i).
 
-The samples of a run therefore do not depend on batch size, batch order or the
-number of processes: sample i sees the same initial noise and the same
-ancestral-step noise whatever batch it is placed in.
+Sample i therefore sees the same initial noise and the same ancestral-step noise
+whatever batch, batch order or process it is placed in; its output agrees across
+batch sizes up to the float round-off of batched kernels.
 """
 from __future__ import annotations
 

@@ -167,9 +167,9 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
     """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json."""
     from ..build import build_denoiser, resolve_device, sample_shape
     from ..outputs import METRICS_FILE, RunLogger, output_dir, write_json_atomic
-    from ..samplers import sample
+    from ..samplers import planned_nfe, sample
     from ..samplers.noise import SampleNoise
-    from .evaluate import build_variance_rule, expected_nfe
+    from .evaluate import build_variance_rule
 
     batch_size = _batch_size(cfg)
     if cfg.backbone.name not in ("unet", "uvit"):
@@ -188,7 +188,7 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
         z = noise()
         model.reset()
         if model.cache is not None and hasattr(model.cache, "plan"):
-            model.cache.plan(expected_nfe(cfg.sampler))
+            model.cache.plan(planned_nfe(cfg.sampler, model.schedule, variance))
         return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
 
     variants = {"plain": []}

@@ -137,9 +137,6 @@ class Checkpointed(nn.Module):
 
         return checkpoint(self.model, x, t, use_reentrant=False)
 
-    def x0(self, x, t, eps=None):
-        return self.model.x0(x, t, eps=self(x, t) if eps is None else eps)
-
     def reset(self):
         self.model.reset()
 
