@@ -35,6 +35,7 @@ class DiffusionDataModule(L.LightningDataModule):
       val_fraction=0.05   a fixed random hold-out of the train split, drawn with `seed` (the default);
       val_fraction=0      no validation (val_dataloader returns []).
     hflip=True adds random horizontal flips to training images (natural images only, not digits).
+    Training batches all have batch_size rows (the last, short one of an epoch is dropped).
     """
 
     def __init__(self, cfg_dataset, batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.05,
@@ -78,7 +79,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def _loader(self, data, shuffle: bool) -> DataLoader:
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle,
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:

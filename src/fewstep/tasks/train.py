@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ..config import check
+from ..config import check, user_errors
 from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
 from ..outputs import output_dir
 
@@ -267,7 +267,7 @@ def validate_train_cfg(t) -> None:
 
 
 def run(cfg) -> dict:
-    from ..data import load_dataset
+    from ..data.datamodule import DiffusionDataModule
     from ..outputs import make_loggers
 
     validate_train_cfg(cfg.task)
@@ -297,10 +297,9 @@ def run(cfg) -> dict:
             "ema_decay": float(t.ema_decay), "steps_before": steps_before, "init_from": t.init_from,
             "fast_fid_eval": f"{int(t.eval_samples)} samples, DPM-Solver++(2M) {int(t.eval_steps)} NFE, "
                              f"{cfg.metrics.get('feature')} features vs the {cfg.metrics.get('ref_split')} split"}
-    x = load_dataset(cfg.dataset, "train")
-    x = x[0] if isinstance(x, tuple) else x
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=int(cfg.task.batch_size),
-                                         shuffle=True, drop_last=True, num_workers=int(cfg.task.num_workers))
+    with user_errors("task=train: "):
+        data = DiffusionDataModule(cfg.dataset, batch_size=int(t.batch_size), num_workers=int(t.num_workers),
+                                   val_fraction=0.0, seed=int(cfg.seed), hflip=bool(t.hflip))
     loggers = make_loggers(cfg, out)
     progress = (ProgressLog(Path(t.progress_log), Path(t.best_dir) if t.best_dir else None, steps_before, meta)
                 if t.progress_log else None)
@@ -319,7 +318,7 @@ def run(cfg) -> dict:
                         enable_checkpointing=True, log_every_n_steps=10, enable_model_summary=False)
     if ckpt_path:
         print(f"[train] resuming from {last}")
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     result = {"steps": int(trainer.global_step), "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
               "export_dir": str(export_dir), **meta}
     return result
