@@ -43,9 +43,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}"] + PAIRED.get((group, option), [])
     if group == "skip" and option == "learned":
         from fewstep.strategies.skip import save_learned_rho
+        from fewstep.strategies.variance import model_id
 
         path = tmp_path / "rho.yaml"
-        save_learned_rho(path, torch.linspace(0.6, 1.0, _adapter().num_skips))
+        save_learned_rho(path, torch.linspace(0.6, 1.0, _adapter().num_skips), meta={"model_id": model_id(_adapter())})
         overrides.append(f"skip.path={path}")
     cfg = compose_cfg(overrides)
     node = cfg[group] if group != "experiment" else cfg

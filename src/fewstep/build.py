@@ -8,11 +8,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, user_errors
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule
 
@@ -52,7 +53,12 @@ def load_pretrained(pretrained: str, subfolder=None, name: str = "unet"):
         if not (path / (subfolder or "") / "config.json").exists():
             raise ConfigError(f"backbone.pretrained={pretrained}: no config.json in that folder "
                               f"(expected a {cls.__name__} save_pretrained folder)")
-        return cls.from_pretrained(str(path), subfolder=subfolder, **kw)
+        try:
+            return cls.from_pretrained(str(path), subfolder=subfolder, **kw)
+        except Exception as e:  # a truncated or foreign weights file, a config.json of another class
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"backbone.pretrained={pretrained}: not a loadable {cls.__name__} folder "
+                              f"({type(e).__name__}: {first[:200]})") from None
     looks_local = str(pretrained).startswith((".", "/", "~")) or str(pretrained).count("/") != 1
     if looks_local:
         raise ConfigError(f"backbone.pretrained={pretrained}: folder not found")
@@ -84,7 +90,13 @@ def build_network(cfg_backbone):
     name = str(cfg_backbone.name)
     if cfg_backbone.get("pretrained"):
         return load_pretrained(cfg_backbone.pretrained, cfg_backbone.get("subfolder"), name)
+    warn(f"backbone={name} has no backbone.pretrained: sampling a randomly initialised network")
     return new_network(name, cfg_backbone.config)
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr, in the form of the command line's errors."""
+    print(f"fewstep: warning: {msg}", file=sys.stderr)
 
 
 def adapt(name: str, network):
@@ -123,10 +135,13 @@ def install_strategies(cfg, backbone):
 
 
 def build_denoiser(cfg, device=None) -> Denoiser:
+    """The configured network with its strategies installed; a config that does not fit the network (a
+    cache branch it lacks, a rho file of another model, an unreadable checkpoint) is a ConfigError."""
     device = device or resolve_device(cfg.get("device", "auto"))
-    backbone, schedule = build_backbone(cfg)
-    backbone.requires_grad_(False)
-    cache = install_strategies(cfg, backbone)
+    with user_errors():
+        backbone, schedule = build_backbone(cfg)
+        backbone.requires_grad_(False)
+        cache = install_strategies(cfg, backbone)
     return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
                     autocast=cfg.get("autocast", None)).to(device)
 

@@ -1,6 +1,7 @@
 """Config helpers: the `${repo:...}` resolver and up-front validation of user input."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -36,3 +37,17 @@ def option(cfg, key: str, default):
         return default
     value = cfg.get(key, default)
     return default if value is None else value
+
+
+@contextmanager
+def user_errors(where: str = ""):
+    """Inside: building objects from the user's config (a checkpoint, a cache branch, a rho file, a
+    classifier folder). A ValueError or a missing file there is the user's input not fitting the model: it
+    leaves as a ConfigError, so the command line prints one line and exits 2."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}{msg}") from None

@@ -12,6 +12,10 @@ Strategies act below it: skip hooks live on the backbone adapter, a cache
 strategy (DeepCache) replaces the backbone call. The denoiser counts every
 network evaluation (NFE) and, per kind of call ("full", "partial@m"), its MACs.
 
+Non-finite numbers stop a run where they appear: a call whose input x or network output is not finite
+raises NonFiniteSamples naming the call and its timestep (a diverging sampler, an fp16 overflow), instead
+of producing black images or failing later inside a metric.
+
 `autocast` ("bf16" / "fp16", config key `autocast`) runs the network calls -- and only them -- under
 torch.autocast; their output is cast back to x's dtype, so the sampler's arithmetic stays float32.
 """
@@ -28,6 +32,16 @@ from .schedule import NoiseSchedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteSamples(RuntimeError):
+    """The samples (or the network's output on them) became inf / nan; the message names where."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteSamples(f"{what} is not finite (inf or nan): the sampler diverged or the network "
+                               f"overflowed; try more steps, a smaller step option or autocast=null")
 
 
 def autocast_dtype(name) -> Optional[torch.dtype]:
@@ -79,7 +93,10 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         """eps_theta(x_t, t)."""
+        call = f"network call {self.nfe + 1} (t = {float(t):.4g})"
+        check_finite(x, f"the sample entering {call}")
         f = self.backbone_out(x, t)
+        check_finite(f, f"the network output of {call}")
         if f.shape[1] != x.shape[1]:  # learned-variance heads: keep the mean channels
             f = f[:, : x.shape[1]]
         f = f.to(x.dtype)
@@ -96,5 +113,4 @@ class Denoiser(nn.Module):
         """Tweedie / DDIM x0 prediction: (x - sqrt(1 - ab) eps) / sqrt(ab)."""
         if eps is None:
             eps = self(x, t)
-        ab = self._alpha_bar(t, x)
-        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return self.schedule.x0_from_eps(x, t, eps)

@@ -1,7 +1,7 @@
 """Benchmark: images per second of the shipped UNet by sample batch size (config key `batch_size`).
 
-Sampling results do not depend on `batch_size` (sample i always starts from generator (seed, i);
-tests/test_run.py checks it), so it is a pure throughput knob. On a CPU, larger is not faster: each
+Sampling results depend on `batch_size` only through float round-off (sample i always starts from
+generator (seed, i); tests/test_run.py bounds the difference), so it is a throughput knob. On a CPU, larger is not faster: each
 network call allocates activations that grow with the batch, and once single tensors pass the C
 allocator's mmap threshold (glibc: at most 32 MiB) every one of them is mapped, page-faulted in zeroed
 and unmapped again on each call. The bench measures what that costs: for each batch size and thread

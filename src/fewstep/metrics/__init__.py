@@ -23,7 +23,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from .cost import count_macs, macs_per_call, run_cost
+from .classifier import file_digest
+from .cost import count_macs, macs_per_call
 from .features import FEATURES, build_feature, inception_preprocess, quantize
 from .fid import (FID, RefStats, bootstrap_fid_se, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score,
                   paired_fid_difference, ref_stats_path)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "bootstrap_fid_se", "build_feature", "compute_ref_stats", "count_macs",
            "ensure_ref_stats", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call", "paired_fid_difference",
-           "precision_recall", "quantize", "ref_stats_path", "run_cost", "check_metrics_cfg"]
+           "precision_recall", "quantize", "ref_stats_path", "check_metrics_cfg"]
 
 
 def _rank() -> int:
@@ -65,6 +66,18 @@ def check_metrics_cfg(cfg_metrics) -> None:
         raise ValueError(f"metrics.pr_dtype must be float32 or float16, got {g('pr_dtype')}")
     if g("ref_split", "train") not in ("train", "test"):
         raise ValueError(f"metrics.ref_split must be train or test, got {g('ref_split')}")
+
+
+def min_samples(cfg_metrics, has_logits: bool | None = None) -> int:
+    """The fewest generated samples the metrics of cfg_metrics can be computed on: 2 for FID, k + 1 for
+    precision/recall (a k-th neighbour), is_splits for the Inception Score (when the feature network has
+    logits: the classifier has, the TF-Inception pool3 network has not; None = decide by metrics.feature)."""
+    g = cfg_metrics.get
+    if has_logits is None:
+        has_logits = g("feature", "classifier") == "classifier"
+    pr = int(g("pr_k", 3)) + 1 if bool(g("precision_recall", True)) else 2
+    is_ = int(g("is_splits", 10)) if (bool(g("inception_score", True)) and has_logits) else 2
+    return max(2, pr, is_)
 
 
 class FeatureBank(Metric):
@@ -119,6 +132,7 @@ class Metrics:
         self.do_is = bool(g("inception_score", True)) and self.extractor.has_logits
         self.ref = ensure_ref_stats(cfg_metrics, cfg_dataset, self.extractor, self.device)
         self.ref_path = ref_stats_path(cfg_metrics, cfg_dataset, self.extractor.name)
+        self.ref_digest = file_digest(self.ref_path)   # which statistics made the FID: metrics.json records it
         self.fake_features = None       # after compute(): the generated rows kept (in sample order), N x D
         self.fid = FID(self.extractor).to(self.device)
         if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
@@ -127,7 +141,7 @@ class Metrics:
         self.seed = int(g("seed", 0))
         keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is or self.n_boot or keep_rows) else 0
         self.bank = FeatureBank(keep).to(self.device)
-        self.min_samples = max(2, self.k + 1 if self.do_pr else 2, self.is_splits if self.do_is else 2)
+        self.min_samples = min_samples(cfg_metrics, self.extractor.has_logits)
 
     @property
     def feature_name(self) -> str:
@@ -157,7 +171,8 @@ class Metrics:
         if n_fake < self.min_samples:
             raise ValueError(f"metrics need at least {self.min_samples} generated samples "
                              f"(FID 2, precision/recall k+1={self.k + 1}, IS splits={self.is_splits}), got {n_fake}")
-        out = {"feature": self.extractor.name, "fid": float(self.fid.compute()), "n_fake": n_fake, "n_ref": self.ref.n}
+        out = {"feature": self.extractor.name, "fid": float(self.fid.compute()), "n_fake": n_fake, "n_ref": self.ref.n,
+               "ref_stats": str(self.ref_path.resolve()), "ref_stats_sha256": self.ref_digest}
         if self.n_boot and feats is not None and len(feats) == n_fake:   # every row kept (pr_max_fake >= n_samples)
             out["fid_se"] = bootstrap_fid_se(feats, self.ref.mu, self.ref.cov, self.n_boot, self.seed)
         elif self.n_boot:

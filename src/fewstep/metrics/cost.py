@@ -12,8 +12,7 @@ processes each sample once, so
 """
 from __future__ import annotations
 
-from collections import Counter
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,20 +40,3 @@ def macs_per_call(backbone, x_example: torch.Tensor, cache=None, t: Optional[flo
         if extra:
             macs.update({str(k): int(v) for k, v in extra.items()})
     return macs
-
-
-def run_cost(calls: Mapping[str, int], macs: Mapping[str, int], n_batches: int = 1) -> dict:
-    """NFE and MACs per sample of a run from its call counter (Denoiser.calls) and macs_per_call().
-
-    `calls` counts batched calls; if it was accumulated over `n_batches` sampling runs (batches), the
-    result is per sample of one run (their mean)."""
-    if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-    missing = sorted(set(k for k, v in calls.items() if v) - set(macs))
-    if missing:
-        raise ValueError(f"no MACs measured for call kinds {missing} (measured: {sorted(macs)})")
-    calls = Counter(calls)
-    total = sum(calls[k] * macs[k] for k in calls)
-    return dict(nfe=sum(calls.values()) / n_batches, macs_per_sample=total / n_batches,
-                gmacs_per_sample=total / n_batches / 1e9,
-                **{f"nfe_{k}": v / n_batches for k, v in sorted(calls.items())})

@@ -229,13 +229,31 @@ def compute_ref_stats(extractor, images: torch.Tensor, max_images: Optional[int]
     return RefStats(mu.numpy(), cov.numpy(), n, torch.cat(rows).numpy(), meta)
 
 
+def check_ref_meta(ref: RefStats, path, dataset: str, split: str, cap) -> None:
+    """The statistics in `path` describe `split` of `dataset` (cap images of it, or all); ValueError otherwise."""
+    meta = ref.meta
+    want = {"dataset": dataset, "split": split}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise ValueError(f"reference statistics {path} are of {key} {meta.get(key)!r}, this run needs {value!r}: "
+                             f"delete the file to recompute it (task=ref_stats)")
+    n_avail = meta.get("n_available")
+    expect = min(int(cap), int(n_avail)) if (cap and n_avail) else n_avail
+    if expect is not None and int(ref.n) != int(expect):
+        raise ValueError(f"reference statistics {path} hold {ref.n} images, ref_max_images={cap} of "
+                         f"{n_avail} means {expect}: delete the file to recompute it (task=ref_stats)")
+
+
 def ensure_ref_stats(cfg_metrics, cfg_dataset, extractor, device="cpu", force: bool = False) -> RefStats:
     """Load the cached reference statistics, or compute (needs the dataset) and cache them.
 
-    A cache made with another feature network (different weights digest) is recomputed."""
+    A cache made with another feature network (different weights digest) is recomputed. A file whose
+    stored dataset, split or image count is not the one its name promises (a renamed file) is refused."""
     path = ref_stats_path(cfg_metrics, cfg_dataset, extractor.name)
     if path.exists() and not force:
         ref = RefStats.load(path)
+        check_ref_meta(ref, path, str(cfg_dataset.name), cfg_metrics.get("ref_split") or "train",
+                       cfg_metrics.get("ref_max_images"))
         if ref.meta.get("feature_ident") == extractor.ident:
             return ref
         log.warning("%s was made with another %s network (%s != %s): recomputing", path, extractor.name,

@@ -39,6 +39,7 @@ identity elsewhere (selected per sample with torch.where, so it is compile-frien
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -330,6 +331,11 @@ def load_learned(path) -> dict:
     if not ok:
         raise ValueError(f"skip.path={path}: 'rho' must be a list of K floats, or S rows of K floats with 't' "
                          f"giving the S timesteps")
+    values = [v for r in rho for v in (r if isinstance(r, list) else [r])] + list(ts or [])
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"skip.path={path}: every rho and t must be a finite number")
+    if any(v < 0 for r in rho for v in (r if isinstance(r, list) else [r])):
+        raise ValueError(f"skip.path={path}: skip scales must be >= 0")
     return data
 
 
@@ -345,17 +351,18 @@ def _build_learned(cfg, adapter) -> list:
     if n != k:
         raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
     saved = data.get("model_id")
-    if bool(option(cfg, "check_model", True)) and saved:
+    if bool(option(cfg, "check_model", True)):
         from .variance import model_id
 
+        if not saved:
+            raise ValueError(f"skip.path={path} names no model_id, so it cannot be checked against this backbone "
+                             f"(set skip.check_model=false to use it anyway)")
         if model_id(adapter) != saved:
             raise ValueError(f"skip.path={path} was learned for model {saved}, this backbone is {model_id(adapter)} "
                              f"(set skip.check_model=false to use it anyway)")
     if data.get("t") is None:
         return [ScaleSkips([float(v) for v in data["rho"]], t_range)]
     table = torch.tensor(data["rho"], dtype=torch.float32)
-    if bool((table < 0).any()):
-        raise ValueError(f"skip.path={path}: skip scales must be >= 0")
     return [ScaleSkips(table, t_range, table_t=[float(v) for v in data["t"]])]
 
 

@@ -7,32 +7,86 @@ also reported as one line.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
+
+from omegaconf import OmegaConf
 
 from ..config import ConfigError, check
 
 SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho")
 
 
+def _whole(cfg, key: str, lo: int) -> int:
+    """cfg[key] as an integer >= lo; a float (1.5, or even 2.0), a bool or a string is refused, never truncated."""
+    v = cfg.get(key)
+    check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key} must be an integer >= {lo} (got {v!r})")
+    return v
+
+
+def check_finite_options(node, prefix: str = "") -> None:
+    """Every number anywhere in the config must be finite: inf / nan are refused, naming the option."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    items = (node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node))
+    for k, _ in items:
+        key = f"{prefix}{k}" if isinstance(node, DictConfig) else f"{prefix[:-1]}[{k}]."
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, k):
+            continue
+        v = node[k]
+        if isinstance(v, (DictConfig, ListConfig)):
+            check_finite_options(v, f"{key}." if isinstance(node, DictConfig) else key)
+        elif isinstance(v, float) and not math.isfinite(v):
+            check(False, f"{key.rstrip('.')} must be a finite number (got {v})")
+
+
+def image_metrics(cfg) -> bool:
+    """Whether the run computes feature metrics (FID, P/R, IS). metrics=default is the dataset's default:
+    the feature metrics for images, the exact mixture checks (metrics=gmm) for dataset=gmm, where an
+    explicit image metric is refused."""
+    m = cfg.metrics
+    if not m.get("fid", False):
+        return False
+    if cfg.dataset.name == "gmm":
+        check(m.name == "default", f"metrics={m.name} measures images; dataset=gmm takes metrics=gmm "
+                                   f"(exact mixture checks)")
+        return False
+    return True
+
+
 def validate(cfg) -> None:
-    """Cheap checks of everything the user can mistype; raises ValueError with one line."""
-    check(int(cfg.n_samples) >= 1, f"n_samples must be >= 1 (got {cfg.n_samples})")
-    check(int(cfg.batch_size) >= 1, f"batch_size must be >= 1 (got {cfg.batch_size})")
+    """Cheap checks of everything the user can mistype, from the config alone; raises ConfigError (one line)."""
+    check_finite_options(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
+    n = _whole(cfg, "n_samples", 1)
+    _whole(cfg, "batch_size", 1)
+    seed = cfg.get("seed")
+    check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63,
+          f"seed must be an integer in 0..2^63-1 (got {seed!r})")
+    m = cfg.metrics
+    if image_metrics(cfg):
+        from ..metrics import check_metrics_cfg, min_samples
+
+        check_metrics_cfg(m)
+        need = min_samples(m)
+        check(n >= need, f"n_samples={n} is too few for metrics={m.name}: it needs at least {need} "
+                         f"(precision/recall k+1 = {int(m.get('pr_k', 3)) + 1}, IS splits = {m.get('is_splits', 10)})")
     if cfg.get("save_features", False):
-        m = cfg.metrics
         check(bool(m.get("fid", False)), f"save_features=true needs feature metrics (metrics={m.name} has none)")
         cap = int(m.get("pr_max_fake", 10000))
-        check(int(cfg.n_samples) <= cap, f"save_features=true keeps at most metrics.pr_max_fake={cap} rows "
-                                          f"(got n_samples={cfg.n_samples}): raise metrics.pr_max_fake")
+        check(n <= cap, f"save_features=true keeps at most metrics.pr_max_fake={cap} rows "
+                        f"(got n_samples={n}): raise metrics.pr_max_fake")
     from ..denoiser import autocast_dtype
 
     autocast_dtype(cfg.get("autocast", None))
     from ..parallel import validate_trainer_cfg
-    from ..samplers import validate_sampler_cfg
+    from ..samplers import VARIANCE_SAMPLERS, validate_sampler_cfg
 
     validate_trainer_cfg(cfg.trainer)
 
     validate_sampler_cfg(cfg.sampler)
+    n_train = int(cfg.backbone.schedule.n)
+    check(int(cfg.sampler.steps) <= n_train,
+          f"sampler.steps must be <= the {n_train} training timesteps of the backbone (got {cfg.sampler.steps})")
     if cfg.backbone.name == "uvit" and not cfg.backbone.get("pretrained"):
         from ..backbones.uvit import check_uvit_config
 
@@ -42,9 +96,17 @@ def validate(cfg) -> None:
     for key in ("rho_top", "rho_bottom"):
         if key in skip:
             check(float(skip[key]) >= 0, f"skip.{key} must be >= 0 (got {skip[key]})")
+    if skip.name == "learned":
+        from ..strategies.skip import load_learned
+
+        check(bool(skip.get("path")), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
+        load_learned(skip.path)   # the file's form and values; its model is checked when the backbone is built
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
 
+        check(cfg.sampler.name in VARIANCE_SAMPLERS,
+              f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "
+              f"sampler={cfg.sampler.name} has none to set")
         validate_variance_cfg(cfg.variance, cfg.sampler)
     if cfg.cache.name != "none":
         from ..strategies.cache import validate_cache_cfg
@@ -59,6 +121,7 @@ def fail(msg: str) -> None:
 
 def dispatch(cfg):
     from ..data.datasets import DatasetMissing
+    from ..denoiser import NonFiniteSamples
 
     name = cfg.task.name
     try:
@@ -72,5 +135,5 @@ def dispatch(cfg):
         fail(str(e))
     try:
         return module.run(cfg)
-    except (ConfigError, DatasetMissing) as e:
+    except (ConfigError, DatasetMissing, NonFiniteSamples) as e:
         fail(str(e))

@@ -33,12 +33,20 @@ import numpy as np
 import torch
 
 from ..build import build_denoiser, resolve_device, sample_shape
+from ..denoiser import check_finite
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
-from ..samplers import DEFAULT_SPACING, sample
+from ..samplers import DEFAULT_SPACING, planned_nfe, sample
 from ..samplers.noise import SampleNoise
 
 FEATURES_FILE = "features.npz"     # save_features=true: the samples' feature rows (sample order), for paired FIDs
+
+
+def weights_of(cfg_backbone) -> str:
+    """What the network's weights are, for metrics.json: the pretrained folder, or a random initialisation."""
+    if cfg_backbone.name == "gmm_exact":
+        return "exact"
+    return str(cfg_backbone.get("pretrained") or "random (backbone.pretrained=null)")
 
 
 def build_variance_rule(cfg, model):
@@ -50,22 +58,21 @@ def build_variance_rule(cfg, model):
 
 
 def build_metrics(cfg, device):
-    name = cfg.metrics.name
-    if name == "gmm":
-        return None
-    if cfg.metrics.get("fid", False):
+    from . import image_metrics
+
+    if image_metrics(cfg):
+        from ..config import user_errors
         from ..metrics import Metrics
 
-        return Metrics(cfg.metrics, cfg.dataset, device, keep_rows=bool(cfg.get("save_features", False)))
+        with user_errors():  # a missing feature classifier or reference statistics
+            return Metrics(cfg.metrics, cfg.dataset, device, keep_rows=bool(cfg.get("save_features", False)))
     return None
 
 
 def cost_per_call(cfg, model, shape, device):
     """MACs per sample of each kind of backbone call (full / partial)."""
-    try:
-        from ..metrics.cost import macs_per_call
-    except ImportError:
-        return {}
+    from ..metrics.cost import macs_per_call
+
     x = torch.zeros((1,) + tuple(shape), device=device)
     return macs_per_call(model.backbone, x, cache=model.cache)
 
@@ -78,38 +85,34 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
 
     out, nfe, calls_total, t_sample = [], [], {}, 0.0
     bs = int(cfg.batch_size)
-    bar = tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True, disable=not progress)
-    for lo in range(0, len(indices), bs):
-        idx = indices[lo: lo + bs]
-        noise = SampleNoise(int(cfg.seed), idx, shape, device=device)
-        z = noise()
-        model.reset()
-        if model.cache is not None and hasattr(model.cache, "plan"):
-            model.cache.plan(expected_nfe(cfg.sampler))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_sample += time.perf_counter() - t0
-        nfe.append(model.nfe)
-        for k, v in model.calls.items():
-            calls_total[k] = calls_total.get(k, 0) + v * len(idx)
-        x = x.float().cpu()
-        if on_batch is not None:
-            on_batch(x)
-        out.append(x)
-        bar.update(len(idx))
-    bar.close()
+    calls = planned_nfe(cfg.sampler, model.schedule, variance)   # what the sampler says it will make
+    with tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True, disable=not progress) as bar:
+        for lo in range(0, len(indices), bs):   # the bar ends its line even when sampling stops on an error
+            idx = indices[lo: lo + bs]
+            noise = SampleNoise(int(cfg.seed), idx, shape, device=device)
+            z = noise()
+            model.reset()
+            if model.cache is not None and hasattr(model.cache, "plan"):
+                model.cache.plan(calls)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_sample += time.perf_counter() - t0
+            check_finite(x, f"the final sample (after {model.nfe} network calls)")
+            nfe.append(model.nfe)
+            for k, v in model.calls.items():
+                calls_total[k] = calls_total.get(k, 0) + v * len(idx)
+            x = x.float().cpu()
+            if on_batch is not None:
+                on_batch(x)
+            out.append(x)
+            bar.update(len(idx))
     samples = torch.cat(out) if out else torch.empty((0,) + tuple(shape))
     return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "time": t_sample,
                      "nfe_batches": nfe}
-
-
-def expected_nfe(cfg_sampler) -> int:
-    steps = int(cfg_sampler.steps)
-    return 2 * steps - 1 if cfg_sampler.name == "heun" else steps
 
 
 def print_table(metrics: dict, keys=None):
@@ -158,7 +161,12 @@ def evaluate_rank(dist: Dist, cfg):
     macs = cost_per_call(cfg, model, shape, device)
     result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
               "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
-              "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device)}
+              "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device),
+              "weights": weights_of(cfg.backbone)}
+    if getattr(variance, "path", None):                                  # which Gamma made the variances
+        from ..metrics.classifier import file_digest
+
+        result["gamma"], result["gamma_sha256"] = str(Path(variance.path).resolve()), file_digest(variance.path)
     if cfg.get("autocast", None):
         result["autocast"] = str(cfg.autocast)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables

@@ -1,0 +1,109 @@
+"""Every user error ends as one line `fewstep: error: ...` and exit 2, before sampling, and leaves no metrics.json.
+
+One parametrized list of the bad inputs the project knows of: those the config alone decides are refused
+before any model is built; the rest (they need the network: a cache branch it lacks, a rho file of another
+model, a corrupt checkpoint) before the first network call.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO, compose_cfg
+
+SHIPPED = REPO / "checkpoints" / "fashion_mnist"
+SHIPPED_SKIPS = 9
+
+
+def rho_file(path, **fields):
+    data = {"rho": [0.9] * SHIPPED_SKIPS, "t": None, "num_skips": SHIPPED_SKIPS, "model_id": "0123456789abcdef"}
+    data.update(fields)
+    data = {k: v for k, v in data.items() if v is not ...}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def corrupt_checkpoint(tmp):
+    bad = tmp / "bad_unet"
+    shutil.copytree(SHIPPED / "unet", bad, ignore=shutil.ignore_patterns("gamma_*"))
+    w = bad / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])          # a truncated download
+    return str(bad)
+
+
+def renamed_ref_stats(tmp):
+    d = tmp / "ref"
+    d.mkdir()
+    shutil.copy(SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz", d / "mnist5k-train-classifier-all.npz")
+    return [f"metrics.ref_stats_dir={d}", f"metrics.classifier_dir={SHIPPED / 'classifier'}", "dataset=mnist5k"]
+
+
+# (id, overrides (a callable of tmp_path for files), words the one line must contain, decided by the config alone)
+CASES = [
+    ("cache_branch", lambda t: ["cache=deepcache", "cache.branch=9"], "cache.branch must be in 0..8", False),
+    ("steps_above_N", lambda t: ["sampler.steps=2000"], "sampler.steps must be <= the 1000", True),
+    ("negative_seed", lambda t: ["seed=-1"], "seed must be an integer", True),
+    ("learned_without_path", lambda t: ["skip=learned"], "skip=learned needs skip.path", True),
+    ("unknown_feature", lambda t: ["metrics.feature=foo"], "unknown metrics.feature 'foo'", True),
+    ("rho_of_another_model", lambda t: ["skip=learned", f"skip.path={rho_file(t / 'r.yaml')}"],
+     "was learned for model 0123456789abcdef", False),
+    ("rho_without_model_id", lambda t: ["skip=learned", f"skip.path={rho_file(t / 'r.yaml', model_id=...)}"],
+     "names no model_id", False),
+    ("rho_with_inf", lambda t: ["skip=learned", f"skip.path={rho_file(t / 'r.yaml', rho=[float('inf')] * 9)}"],
+     "finite", True),
+    ("corrupt_checkpoint", lambda t: [f"backbone.pretrained={corrupt_checkpoint(t)}"], "not a loadable UNet2DModel",
+     False),
+    ("too_few_samples_for_metrics", lambda t: ["n_samples=8"], "n_samples=8 is too few for metrics=default", True),
+    ("fractional_n_samples", lambda t: ["n_samples=1.5"], "n_samples must be an integer >= 1 (got 1.5)", True),
+    ("fractional_batch_size", lambda t: ["batch_size=1.5"], "batch_size must be an integer >= 1 (got 1.5)", True),
+    ("whole_float_n_samples", lambda t: ["n_samples=20.0"], "n_samples must be an integer", True),
+    ("infinite_eta", lambda t: ["sampler=ddim", "sampler.eta=inf"], "sampler.eta must be a finite number", True),
+    ("nan_rho", lambda t: ["skip.rho_bottom=nan"], "skip.rho_bottom must be a finite number", True),
+    *[(f"analytic_with_{s}", lambda t, s=s: [f"sampler={s}", "variance=analytic"],
+       f"sampler={s} has none to set", True) for s in ("dpmpp", "euler", "heun", "diffusers")],
+    ("ref_stats_of_another_dataset", renamed_ref_stats, "are of dataset 'fashion_mnist', this run needs 'mnist5k'",
+     False),
+    ("image_metrics_on_gmm", lambda t: ["dataset=gmm", "backbone=gmm_exact", "metrics=classifier"],
+     "dataset=gmm takes metrics=gmm", True),
+    ("diverging_samples", lambda t: ["skip.rho_bottom=1e30", "n_samples=10"],
+     "network output of network call 1 (t = 999) is not finite", False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    import fewstep.build
+    from fewstep.tasks import dispatch
+
+    _, overrides, words, config_alone = case
+    if config_alone:
+        def boom(*a, **k):
+            raise AssertionError("a model was built before validation")
+
+        monkeypatch.setattr(fewstep.build, "build_denoiser", boom)
+        monkeypatch.setattr(fewstep.build, "build_backbone", boom)
+    cfg = compose_cfg([*overrides(tmp_path), "logger=none", "n_samples=20", "sampler.steps=3"][::-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dispatch(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not list(out.rglob("metrics.json*"))
+
+
+def test_gmm_with_the_default_metrics_runs(tmp_path, monkeypatch):
+    """dataset=gmm backbone=gmm_exact alone: metrics=default means the dataset's own checks (no classifier)."""
+    from fewstep.tasks import dispatch
+
+    monkeypatch.chdir(tmp_path)
+    result = dispatch(compose_cfg(["dataset=gmm", "backbone=gmm_exact", "logger=none", "n_samples=200",
+                                   "batch_size=200", "sampler.steps=10"]))
+    assert "fid" not in result and result["cov_err"] < 1 and (tmp_path / "metrics.json").exists()

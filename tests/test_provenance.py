@@ -1,0 +1,35 @@
+"""metrics.json says what made the result: the weights, the reference statistics and the Gamma file."""
+from __future__ import annotations
+
+import json
+
+from conftest import REPO, TINY_OVERRIDES, compose_cfg
+
+SHIPPED = REPO / "checkpoints" / "fashion_mnist"
+
+
+def run_here(tmp_path, monkeypatch, overrides):
+    from fewstep.tasks import dispatch
+
+    monkeypatch.chdir(tmp_path)
+    dispatch(compose_cfg([*overrides, "logger=none"]))
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_metrics_json_names_the_weights_statistics_and_gamma(tmp_path, monkeypatch):
+    from fewstep.metrics.classifier import file_digest
+
+    m = run_here(tmp_path, monkeypatch, ["sampler=ddpm", "sampler.steps=3", "variance=analytic", "n_samples=10"])
+    ref = SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz"
+    assert m["weights"] == str(SHIPPED / "unet")
+    assert m["ref_stats"] == str(ref) and m["ref_stats_sha256"] == file_digest(ref)
+    gamma = next((SHIPPED / "unet").glob("gamma_*.safetensors"))
+    assert m["gamma"] == str(gamma) and m["gamma_sha256"] == file_digest(gamma)
+
+
+def test_random_weights_are_said_in_one_warning_and_in_metrics_json(tmp_path, monkeypatch, capsys):
+    m = run_here(tmp_path, monkeypatch, [*TINY_OVERRIDES, "sampler.steps=2", "n_samples=4"])
+    assert m["weights"].startswith("random")
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fewstep: warning:")]
+    assert warnings == ["fewstep: warning: backbone=unet has no backbone.pretrained: sampling a randomly "
+                        "initialised network"]
