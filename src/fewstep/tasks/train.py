@@ -142,10 +142,23 @@ class SampleAndScore(L.Callback):
         self.cfg, self.out_dir, self.every, self.progress = cfg, Path(out_dir), every, progress
         self.metrics = None
 
+    def on_train_start(self, trainer, pl_module):
+        """With a progress log, score the model we start from (the init model, or the resumed state) unless
+        the log has that step already: every sitting's first row, and every module the scoring needs is
+        loaded now, so code edited while a long run goes on cannot meet this run half-loaded."""
+        if self.progress is None or not trainer.is_global_zero:
+            return
+        rows = self.progress.rows()
+        if not rows or int(rows[-1]["total_step"]) != self.progress.steps_before + trainer.global_step:
+            self._safely(trainer, pl_module, trainer.global_step)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step % self.every or not trainer.is_global_zero:
             return
+        self._safely(trainer, pl_module, step)
+
+    def _safely(self, trainer, pl_module, step):
         try:  # monitoring must never kill a long training run
             self._sample_and_score(trainer, pl_module, step)
         except Exception as e:
