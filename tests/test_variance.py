@@ -4,8 +4,6 @@ import itertools
 import json
 import math
 import os
-import socket
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from fewstep.strategies.variance import (AnalyticVariance, FixedVariance, GammaM
                                          build_variance, check_timesteps, dp_trajectory, estimate_gamma, find_gamma, gamma_filename,
                                          least_cost_path, jump_cost, load_gamma, model_id, save_gamma, split_reliable,
                                          trajectory_cost)
-from fewstep.tasks.gamma import _rank_seed, estimate_to_file
+from fewstep.tasks.gamma import estimate_to_file
 
 
 def exact_gamma(mixture, schedule, t: int) -> float:
@@ -79,44 +77,65 @@ def test_estimate_to_file_resumes_exactly(model, mixture, schedule, tmp_path):
     assert resumed["M"] == 96 and not (path.parent / "g.safetensors.partial0of1").exists()
 
 
-def _dist_worker(rank, world, port, x0, path, kw, schedule, mixture):
-    import torch.distributed as dist
+def test_rank_blocks_add_up_to_one_process(model, mixture, schedule, tmp_path):
+    """Rank r of W takes the contiguous block parallel.shard(n_batches, r, W) of the batches, each point with
+    the noise it gets in one process: the ranks' sums are the single-process sums (5 batches, the last one
+    short; W = 6 leaves a rank idle), and a rank's interrupted estimate resumes exactly."""
+    from fewstep.tasks.gamma import estimate_shard, rank_batches
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = Denoiser(GMMExact(mixture, schedule), schedule)
-        estimate_to_file(model, x0, schedule, path, rank=rank, world=world, **kw)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_distributed_shards_and_all_reduces(model, mixture, schedule, tmp_path):
-    """Two gloo processes: rank r takes points r, r+2, ...; the file holds the sum of both shards' statistics.
-    Spawned, as parallel.py does: a forked child hangs in the parent's OpenMP pool once the parent has used it."""
-    import torch.multiprocessing as mp
-
-    x0 = mixture.sample(40, torch.Generator().manual_seed(4))
+    x0 = mixture.sample(38, torch.Generator().manual_seed(4))
     kw = dict(mid="m", dataset="gmm", timesteps=[0, 100, 999], batch_size=8, seed=5, progress=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_dist_worker, args=(2, port, x0, tmp_path / "g.safetensors", kw, schedule, mixture),
-                             nprocs=2, start_method="spawn", join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed Gamma workers did not finish in 120 s")
-    g = load_gamma(tmp_path / "g.safetensors")
-    ref = None
-    for r in range(2):
-        st = estimate_gamma(model, batches(x0[r::2], 8), schedule, kw["timesteps"],
-                            torch.Generator().manual_seed(_rank_seed(5, r)))
-        ref = st if ref is None else ref.merge(st)
-    assert g["M"] == 40 and g["world_size"] == 2
-    assert np.allclose(g["gamma"].numpy(), ref.gamma, rtol=1e-12) and np.allclose(g["stderr"].numpy(), ref.stderr)
+    one = estimate_to_file(model, x0, schedule, tmp_path / "one" / "g.safetensors", **kw)
+    assert [list(rank_batches(38, 8, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [len(rank_batches(38, 8, r, 6)) for r in range(6)] == [1, 1, 1, 1, 1, 0]
+    for world in (2, 3, 6):
+        parts = [estimate_shard(model, x0, schedule, tmp_path / f"w{world}" / "g.safetensors", rank=r, world=world,
+                                **kw) for r in range(world)]
+        total = parts[0]
+        for p in parts[1:]:
+            total = total.merge(p)
+        assert total.count == 38
+        np.testing.assert_allclose(total.gamma, one["gamma"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(total.stderr, one["stderr"].numpy(), rtol=1e-9)
+    path = tmp_path / "resume" / "g.safetensors"
+    assert estimate_shard(model, x0, schedule, path, rank=1, world=2, max_batches=1, **kw) is None
+    resumed = estimate_shard(model, x0, schedule, path, rank=1, world=2, **kw)
+    fresh = estimate_shard(model, x0, schedule, tmp_path / "fresh" / "g.safetensors", rank=1, world=2, **kw)
+    assert resumed.count == fresh.count == 14 and np.array_equal(resumed.sum, fresh.sum)
+
+
+def test_gamma_task_on_two_processes_equals_one(compose, tmp_path, monkeypatch):
+    """task=gamma with trainer=ddp_cpu trainer.devices=2 (gloo) goes through parallel.run_parallel, as
+    evaluation does, and writes the Gamma file of one process up to the float64 summation order; one
+    process runs without Fabric. (run_parallel spawns the ranks: a forked child hangs in the parent's
+    OpenMP pool once the parent has used it.)"""
+    from conftest import make_tiny_unet
+    from fewstep import parallel
+    from fewstep.tasks import gamma as gamma_task
+
+    launched = []
+
+    def spy(trainer, fn, *args):
+        launched.append(fn.__name__)
+        return parallel.run_parallel(trainer, fn, *args)
+
+    monkeypatch.setattr(gamma_task, "run_parallel", spy)
+    unet = tmp_path / "unet"
+    make_tiny_unet(sample_size=8, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(unet)
+    # 22 points in batches of 8: rank 0 takes batches 0 and 1, rank 1 the short batch 2 (noise after 2 batches')
+    base = ["task=gamma", "dataset=digits", f"backbone.pretrained={unet}", "task.M=22", "task.batch_size=8",
+            "task.timesteps=250", "seed=3", "device=cpu", "logger=none"]
+    one = gamma_task.run(compose(base + [f"task.out_dir={tmp_path / 'one'}"]))
+    assert launched == [] and "world_size" not in one
+    two = gamma_task.run(compose(base + [f"task.out_dir={tmp_path / 'two'}", "trainer=ddp_cpu", "trainer.devices=2"]))
+    assert launched == ["gamma_rank"] and two["world_size"] == 2
+    g1, g2 = load_gamma(one["gamma_path"]), load_gamma(two["gamma_path"])
+    assert g1["world_size"] == 1 and g2["world_size"] == 2 and g1["M"] == g2["M"] == 22
+    assert g1["model_id"] == g2["model_id"] and torch.equal(g1["timesteps"], g2["timesteps"])
+    np.testing.assert_allclose(g2["gamma"].numpy(), g1["gamma"].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(g2["stderr"].numpy(), g1["stderr"].numpy(), rtol=1e-8)
+    assert not list((tmp_path / "two").glob("*.partial*"))                # every rank dropped its partial
 
 
 # ----------------------------------------------------------------------------- variance formulas

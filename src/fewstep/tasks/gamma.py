@@ -2,7 +2,7 @@
 
     python run.py task=gamma dataset=fashion_mnist backbone.pretrained=checkpoints/fashion_mnist/unet
     python run.py task=gamma experiment=gmm_demo task.M=2000
-    python run.py task=gamma trainer=ddp task.M=50000        # several devices (see below)
+    python run.py task=gamma trainer=ddp trainer.devices=8 task.M=50000    # several processes (see below)
 
 Then sample or bound the likelihood with `variance=analytic` (and `sampler.timesteps=analytic_dp`).
 
@@ -15,6 +15,10 @@ calls per batch). The result, with its per-timestep standard error, goes to
 `variance=analytic` finds the file of exactly this model and refuses a Gamma of another one. out_dir
 defaults to the pretrained folder when it is a local, writable folder, else to task.cache_dir.
 
+The noise: one generator seeded from `seed` draws, batch after batch of task.batch_size points (in the
+order of the subset) and timestep after timestep, eps for the whole batch. So the numbers depend on
+(seed, M, batch_size, timesteps) and on nothing else: not on interruptions, nor on the number of processes.
+
 Cost: N x M / batch_size batched calls (N = 1000, M = 1000: 1M images through the network). The official
 Analytic-DPM runs use the whole training set (M = 50k for CIFAR-10); a few thousand points already give a
 standard error far below the differences that matter for the variance (it is printed).
@@ -25,13 +29,24 @@ JSON metadata); rerunning the same command continues where it stopped and gives 
 uninterrupted run. A finished file is reused unless task.overwrite=true. Files of the earlier pickle format
 (.pt) are never read: a partial at the looked-up path that is not a safetensors partial is a one-line error.
 
-Several devices: with a multi-device trainer (trainer.devices > 1, num_nodes > 1 or a ddp strategy) the task
-launches its processes with Lightning Fabric (a torchrun-style launch that already initialised
-torch.distributed is used as is). Each rank takes the points rank, rank + world, ...; noise comes from a
-generator seeded from (seed, rank); the per-timestep sums are all-reduced and rank 0 writes the file.
+Several processes (a multi-device trainer: trainer.devices > 1, num_nodes > 1 or a ddp strategy, e.g.
+`trainer=ddp_cpu trainer.devices=2` with gloo on CPU) go through `fewstep.parallel.run_parallel`, as
+task=evaluate does (a cluster launch, or one that already initialised torch.distributed, is used as is):
+
+* rank r takes the contiguous block `parallel.shard(n_batches, r, world)` of the global batches
+  (n_batches = ceil(M / batch_size)), i.e. a contiguous block of points cut at batch boundaries, so every
+  batch holds exactly the points it holds in one process;
+* its generator is that of one process, advanced past the noise of the batches before its block (noise
+  draws only, no network calls: CPU work that grows with the rank, at most that of one whole run), so every
+  point gets the noise it gets in one process;
+* the per-rank sums are gathered and added in rank order, and only global rank 0 writes the file.
+
+So the Gamma file of W processes is that of one process up to the float64 summation order (and to any
+batch-dependent round-off of the network on other devices); its metadata records world_size = W.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -40,6 +55,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..parallel import SINGLE, Dist, all_gather, is_multiprocess, run_parallel, shard
 from ..safe_io import jsonable, load_tensors, save_tensors
 from ..strategies.variance import (GammaStats, check_timesteps, estimate_gamma, gamma_filename, load_gamma, model_id,
                                    save_gamma, schedule_id)
@@ -58,69 +74,68 @@ def default_out_dir(cfg) -> Path:
     return Path(os.path.expanduser(str(cfg.task.get("cache_dir") or "checkpoints/gamma")))
 
 
-def setup_distributed(cfg):
-    """(rank, world_size, device or None). Launches Fabric processes for a multi-device trainer config."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        return dist.get_rank(), dist.get_world_size(), dev
-    tr = cfg.get("trainer", None)
-    if tr is None:
-        return 0, 1, None
-    from omegaconf import OmegaConf
-
-    devices = tr.get("devices", 1)
-    devices = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
-    nodes = int(tr.get("num_nodes", 1))
-    strategy = str(tr.get("strategy", "auto"))
-    multi = (nodes > 1 or strategy.startswith("ddp") or (isinstance(devices, int) and (devices > 1 or devices == -1))
-             or (isinstance(devices, (list, tuple)) and len(devices) > 1))
-    if not multi:
-        return 0, 1, None
-    from lightning.fabric import Fabric
-
-    fabric = Fabric(accelerator=tr.get("accelerator", "auto"), devices=devices, num_nodes=nodes, strategy=strategy)
-    fabric.launch()
-    return fabric.global_rank, fabric.world_size, fabric.device
-
-
-def _rank_seed(seed: int, rank: int) -> int:
+def _noise_seed(seed: int) -> int:
+    """The seed of the one noise stream of an estimate (that of the single-process runs so far)."""
     from ..samplers.noise import sample_seed
 
-    return sample_seed(seed, rank)
+    return sample_seed(seed, 0)
 
 
-def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dataset: str, timesteps=None,
-                     batch_size: int = 256, seed: int = 0, rank: int = 0, world: int = 1, save_every: int = 1,
-                     max_batches: Optional[int] = None, progress: bool = True, pretrained=None, device=None,
-                     extra: Optional[dict] = None) -> Optional[dict]:
-    """Estimate Gamma over `data` (all M points, same order on every rank) and write the Gamma file at `path`.
+def rank_batches(M: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
+    """The global batches (of batch_size points, the last one possibly shorter) of this rank: a contiguous
+    block, `parallel.shard` of the batch indices. Batch k holds the points k * batch_size ... of the subset."""
+    n_batches = -(-int(M) // int(batch_size))
+    b = shard(n_batches, rank, world)
+    return range(int(b[0]), int(b[-1]) + 1) if len(b) else range(n_batches, n_batches)
 
-    This rank handles data[rank::world]; partial results go to `<path>.partial<rank>of<world>` every
-    `save_every` batches and are picked up by the next call. `max_batches` stops after that many batches
-    of this call and returns None (an interruption, for tests); otherwise returns the loaded Gamma file.
+
+def _skip_noise(generator: torch.Generator, n_batches: int, batch_size: int, point_shape, n_timesteps: int) -> None:
+    """Advance generator past the noise estimate_gamma draws for n_batches full batches (one randn of the
+    batch's shape per batch and timestep), exactly as drawing it would."""
+    shape = (int(batch_size),) + tuple(point_shape)
+    for _ in range(n_batches * n_timesteps):
+        torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def partial_path(path, rank: int = 0, world: int = 1) -> Path:
+    """Where rank `rank` of `world` keeps its running sums for the Gamma file at `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.partial{rank}of{world}")
+
+
+def estimate_shard(model, data: torch.Tensor, schedule, path, *, mid: str, dataset: str, timesteps=None,
+                   batch_size: int = 256, seed: int = 0, rank: int = 0, world: int = 1, save_every: int = 1,
+                   max_batches: Optional[int] = None, progress: bool = True, device=None) -> Optional[GammaStats]:
+    """This rank's part of the estimate over `data` (all M points, same order on every rank): the sums over
+    the points of its batches `rank_batches(M, batch_size, rank, world)`, each with the noise it gets in one
+    process. Partial results go to `<path>.partial<rank>of<world>` every `save_every` batches and are picked
+    up by the next call. `max_batches` stops after that many batches of this call and returns None (an
+    interruption, for tests). No collectives: the ranks' GammaStats add up to the single-process ones.
     """
-    import torch.distributed as dist
-
     path = Path(path)
     M = len(data)
     ts = check_timesteps(timesteps, schedule.N)
-    shard = data[rank::world]
-    partial = path.with_name(f"{path.name}.partial{rank}of{world}")
+    bs = int(batch_size)
+    batches = rank_batches(M, bs, rank, world)
+    block = data[batches.start * bs: min(batches.stop * bs, M)]
+    partial = partial_path(path, rank, world)
     key = {"model_id": mid, "dataset": dataset, "M": M, "world": world, "seed": int(seed),
-           "schedule_id": schedule_id(schedule), "timesteps": ts.tolist()}
-    generator = torch.Generator().manual_seed(_rank_seed(seed, rank))
-    stats = GammaStats(ts)
+           "schedule_id": schedule_id(schedule), "timesteps": ts.tolist(), "batch_size": bs}
+    generator = torch.Generator().manual_seed(_noise_seed(seed))
+    stats = None
     if partial.exists():
         st, meta = load_tensors(partial, PARTIAL_KIND, "delete it and rerun (the estimate starts over)")
         if meta.get("key") == jsonable(key):
             stats = GammaStats(st["timesteps"].numpy(), st["sum"].numpy(), st["sumsq"].numpy(), int(meta["count"]))
             generator.set_state(st["generator"])
             if progress:
-                print(f"[fewstep] gamma: resuming from {partial} ({stats.count}/{len(shard)} points of rank {rank})")
+                print(f"[fewstep] gamma: resuming from {partial} ({stats.count}/{len(block)} points of rank {rank})")
         elif progress:
             print(f"[fewstep] gamma: ignoring {partial} (made with other settings)")
+    if stats is None:
+        stats = GammaStats(ts)
+        if len(block):                                       # the noise of the batches of the ranks before
+            _skip_noise(generator, batches.start, bs, data.shape[1:], len(ts))
     legacy = path.with_name(f"{path.stem}.pt.partial{rank}of{world}")
     if legacy != partial and legacy.exists() and progress:
         print(f"[fewstep] gamma: not reading {legacy} (the earlier pickle format, which can run code); "
@@ -132,12 +147,12 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
                      PARTIAL_KIND, {"key": key, "count": int(s.count)})
 
     done = stats.count
-    todo = shard[done:]
-    starts = list(range(0, len(todo), batch_size))
+    todo = block[done:]
+    starts = list(range(0, len(todo), bs))
     stopped = max_batches is not None and max_batches < len(starts)
     starts = starts[:max_batches] if max_batches is not None else starts
     dev = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = (todo[i: i + batch_size].to(dev) for i in starts)
+    xs = (todo[i: i + bs].to(dev) for i in starts)
     counter = {"n": 0}
 
     def checkpoint(s: GammaStats):
@@ -146,23 +161,51 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
             save_partial(s)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    stats = estimate_gamma(model, batches, schedule, generator=generator, stats=stats, callback=checkpoint,
+    stats = estimate_gamma(model, xs, schedule, generator=generator, stats=stats, callback=checkpoint,
                            progress=progress and rank == 0, total=len(starts))
     save_partial(stats)
-    if stopped:
+    return None if stopped else stats
+
+
+def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dataset: str, timesteps=None,
+                     batch_size: int = 256, seed: int = 0, rank: int = 0, world: int = 1, save_every: int = 1,
+                     max_batches: Optional[int] = None, progress: bool = True, pretrained=None, device=None,
+                     extra: Optional[dict] = None) -> Optional[dict]:
+    """Estimate Gamma over `data` (all M points, same order on every rank) and write the Gamma file at `path`.
+
+    Every rank runs `estimate_shard` (resumable, see there); the ranks' sums are gathered and added in rank
+    order and global rank 0 writes the file, after which every rank deletes its partial. With world > 1,
+    torch.distributed must be initialised (run_parallel does it). `max_batches`: an interruption (returns
+    None). Otherwise returns the loaded Gamma file on rank 0, None on the other ranks.
+    """
+    path = Path(path)
+    stats = estimate_shard(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=timesteps,
+                           batch_size=batch_size, seed=seed, rank=rank, world=world, save_every=save_every,
+                           max_batches=max_batches, progress=progress, device=device)
+    if stats is None:
         return None
-    distributed = dist.is_available() and dist.is_initialized()
-    red_dev = device if device is not None and torch.device(device).type == "cuda" else None
-    stats = stats.all_reduce(red_dev)
-    if stats.count != M:
-        raise RuntimeError(f"Gamma estimate covers {stats.count} points, expected M = {M}")
-    if rank == 0:
-        save_gamma(path, stats, model_id=mid, dataset=dataset, schedule=schedule, pretrained=pretrained,
-                   world_size=world, seed=int(seed), **(extra or {}))
-    if distributed:
-        dist.barrier()
-    partial.unlink(missing_ok=True)
-    return load_gamma(path, mid, schedule)
+    M = len(data)
+    dist = Dist(rank, world, None)
+    parts = all_gather(stats, dist)              # every rank's sums, in rank order (a no-op for one process)
+    total = parts[0]
+    for p in parts[1:]:
+        total = total.merge(p)
+    if total.count != M:
+        raise RuntimeError(f"Gamma estimate covers {total.count} points, expected M = {M}")
+    error = None
+    if dist.is_global_zero:
+        try:
+            save_gamma(path, total, model_id=mid, dataset=dataset, schedule=schedule, pretrained=pretrained,
+                       world_size=world, seed=int(seed), **(extra or {}))
+        except BaseException as e:            # the other ranks must not wait for it, nor drop their partials
+            error = e
+    written = all_gather(error is None, dist)[0]
+    if error is not None:
+        raise error
+    if not written:
+        return None
+    partial_path(path, rank, world).unlink(missing_ok=True)
+    return load_gamma(path, mid, schedule) if dist.is_global_zero else None
 
 
 def summary(g: dict) -> dict:
@@ -186,31 +229,48 @@ def _strategies_active(cfg) -> bool:
     return skip.get("name", "none") not in ("none", "linear") or rho_on
 
 
-def run(cfg) -> dict:
-    from ..build import build_denoiser, build_schedule, resolve_device
-    from ..data import load_dataset
+def _settings(cfg) -> dict:
+    """The task's settings from the config, checked (ConfigError, one line)."""
+    from ..build import build_schedule
 
     tc = cfg.task
-    M = _positive_int(tc.get("M"), "task.M")
-    bs = _positive_int(tc.get("batch_size", None) or cfg.get("batch_size"), "task.batch_size")
-    save_every = _positive_int(tc.get("save_every", 1), "task.save_every")
-    schedule = build_schedule(cfg.backbone.schedule)
+    s = {"M": _positive_int(tc.get("M"), "task.M"),
+         "bs": _positive_int(tc.get("batch_size", None) or cfg.get("batch_size"), "task.batch_size"),
+         "save_every": _positive_int(tc.get("save_every", 1), "task.save_every"),
+         "schedule": build_schedule(cfg.backbone.schedule), "split": tc.get("split", "train"),
+         "dataset": cfg.dataset.name, "seed": int(cfg.get("seed", 0))}
     ts = tc.get("timesteps", "all")
     try:
-        ts = check_timesteps(list(ts) if not isinstance(ts, (str, int)) and ts is not None else ts, schedule.N)
+        s["ts"] = check_timesteps(list(ts) if not isinstance(ts, (str, int)) and ts is not None else ts,
+                                  s["schedule"].N)
     except ValueError as e:
         raise ConfigError(f"task.{e}") from None
-    split = tc.get("split", "train")
-    dataset = cfg.dataset.name
-    seed = int(cfg.get("seed", 0))
+    return s
 
-    rank, world, fdevice = setup_distributed(cfg)
-    data = load_dataset(cfg.dataset, split)
+
+def _points(cfg, s: dict) -> torch.Tensor:
+    """The M data points of the estimate: a random subset (seeded from `seed`) of the split, in that order."""
+    from ..data import load_dataset
+
+    data = load_dataset(cfg.dataset, s["split"])
     data = data[0] if isinstance(data, (tuple, list)) else data
+    M = s["M"]
     if M > len(data):
-        raise ConfigError(f"task.M={M} exceeds the {len(data)} points of {dataset} ({split}); use task.M <= {len(data)}")
-    data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:M]]
-    device = fdevice if fdevice is not None else resolve_device(cfg.get("device", "auto"))
+        raise ConfigError(f"task.M={M} exceeds the {len(data)} points of {s['dataset']} ({s['split']}); "
+                          f"use task.M <= {len(data)}")
+    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(s["seed"]))[:M]]
+
+
+def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
+    """task=gamma on one rank: this rank's batches, the sums combined, rank 0 writes the file. Returns the
+    summary on global rank 0, None on the other ranks. With dist = SINGLE it is the plain single process."""
+    from ..build import build_denoiser, resolve_device
+
+    tc = cfg.task
+    s = _settings(cfg)
+    schedule, M, dataset, lead = s["schedule"], s["M"], s["dataset"], dist.is_global_zero
+    data = _points(cfg, s)
+    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.get("device", "auto"))
     model = build_denoiser(cfg, device)
     model.eval()
     model.cache = None  # Gamma is a property of the network: no cached partial forwards across timesteps
@@ -219,20 +279,55 @@ def run(cfg) -> dict:
     path = out / gamma_filename(mid, dataset, M)
     if path.exists() and not tc.get("overwrite", False):
         g = load_gamma(path, mid, schedule)
-        if rank == 0:
-            print(f"[fewstep] gamma: {path} exists (task.overwrite=true to re-estimate)")
+        if not lead:
+            return None
+        print(f"[fewstep] gamma: {path} exists (task.overwrite=true to re-estimate)")
         return summary(g)
-    if rank == 0 and _strategies_active(cfg):
+    if lead and _strategies_active(cfg):
         print("[fewstep] gamma: note: skip scaling is active and goes into this Gamma (the cache is not used); "
               "the file is keyed by the network weights only")
+    n_batches = math.ceil(M / s["bs"])
+    if lead and dist.world > n_batches:
+        print(f"[fewstep] gamma: note: {M} points make {n_batches} batches of task.batch_size={s['bs']}: only "
+              f"{n_batches} of the {dist.world} processes have work (lower task.batch_size)")
     pre = cfg.backbone.get("pretrained", None)
-    g = estimate_to_file(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=ts, batch_size=bs,
-                         seed=seed, rank=rank, world=world, save_every=save_every, progress=True, pretrained=pre,
-                         device=device, extra={"split": split, "backbone": cfg.backbone.name,
-                                               "skip": str(cfg.get("skip", {}).get("name")),
-                                               "skip_active": _strategies_active(cfg)})
+    g = estimate_to_file(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=s["ts"], batch_size=s["bs"],
+                         seed=s["seed"], rank=dist.rank, world=dist.world, save_every=s["save_every"], progress=True,
+                         pretrained=pre, device=device,
+                         extra={"split": s["split"], "backbone": cfg.backbone.name,
+                                "skip": str(cfg.get("skip", {}).get("name")), "skip_active": _strategies_active(cfg)})
+    if not lead:
+        return None
     result = summary(g)
-    if rank == 0:
-        print(f"[fewstep] gamma: wrote {path}  (Gamma in [{result['gamma_min']:.4f}, {result['gamma_max']:.4f}], "
-              f"max stderr {result['stderr_max']:.2e})")
+    if dist.world > 1:
+        result["world_size"] = dist.world
+    print(f"[fewstep] gamma: wrote {path}  (Gamma in [{result['gamma_min']:.4f}, {result['gamma_max']:.4f}], "
+          f"max stderr {result['stderr_max']:.2e})")
     return result
+
+
+def _plain(cfg):
+    """A resolved copy of the config for the spawned ranks (they have no Hydra context to resolve in)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run(cfg) -> dict:
+    """Estimate Gamma for cfg's model (see the module docstring). Returns the summary; an empty dict in the
+    processes of a multi-process job that are not global rank 0."""
+    import torch.distributed as tdist
+
+    trainer = cfg.get("trainer", None)
+    if not (is_multiprocess(trainer) or (tdist.is_available() and tdist.is_initialized())):
+        return gamma_rank(SINGLE, cfg)
+    if trainer is not None:
+        from ..parallel import validate_trainer_cfg
+
+        try:
+            validate_trainer_cfg(trainer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    _points(cfg, _settings(cfg))     # the user's mistakes as one line here, before any process is started
+    result = run_parallel(trainer, gamma_rank, _plain(cfg))
+    return result if result is not None else {}
