@@ -33,3 +33,19 @@ def test_random_weights_are_said_in_one_warning_and_in_metrics_json(tmp_path, mo
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fewstep: warning:")]
     assert warnings == ["fewstep: warning: backbone=unet has no backbone.pretrained: sampling a randomly "
                         "initialised network"]
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    """A metric that could not be computed (nan) or overflowed (inf) is null, never a bare NaN token."""
+    import numpy as np
+
+    from fewstep.outputs import write_json_atomic
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    path = write_json_atomic(tmp_path / "m.json", {"fid": float("nan"), "x": [1.5, float("inf")], "n": np.int64(3),
+                                                   "s": np.float32(2.5), "name": "a"})
+    assert '"n": 3,' in path.read_text()
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"fid": None, "x": [1.5, None], "n": 3, "s": 2.5,
+                                                                   "name": "a"}

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import socket
 import sys
@@ -93,8 +94,27 @@ def write_text_atomic(path, text: str) -> Path:
     return Path(path)
 
 
+def strict_json(obj):
+    """obj with every non-finite float (nan, inf: e.g. a metric that could not be computed) as None, so it
+    serialises as strict JSON (null), which every JSON reader accepts; numpy / torch scalars become floats."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    try:
+        v = float(obj)
+    except (TypeError, ValueError):
+        return obj
+    return v if math.isfinite(v) else None
+
+
 def write_json_atomic(path: Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
+    """Strict JSON (no bare NaN / Infinity: they are written as null), through atomic_path."""
+    return write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
