@@ -201,8 +201,3 @@ def gather_by_index(x: torch.Tensor, indices: Sequence[int], dist: Dist, keep: O
     return x[torch.from_numpy(order)]
 
 
-def barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
