@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from ..config import check, user_errors
 from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
-from ..outputs import output_dir
+from ..outputs import output_dir, write_json_atomic
 
 
 class DiffusionModule(L.LightningModule):
@@ -102,7 +102,7 @@ def export_network(net, export_dir: Path, info: dict):
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     net.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "train_state.json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(tmp / "train_state.json", info)    # strict JSON: a loss not logged yet is null
     old = export_dir.with_name(export_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if export_dir.exists():
