@@ -184,10 +184,15 @@ def test_analytic_dp_timesteps(model, schedule, z):
         def dp_timesteps(self, steps):
             return np.array([0, 300, 600, 999][:steps])
 
-    assert sampler_timesteps(cfg, schedule, Rule()).tolist() == [999.0, 600.0, 300.0, 0.0]
+    from fewstep.build import explicit_timesteps
+
+    ts = explicit_timesteps(cfg, Rule())
+    assert sampler_timesteps(cfg, schedule, ts).tolist() == [999.0, 600.0, 300.0, 0.0]
     model.reset()
-    sample(cfg, model, z[:3], SampleNoise(0, range(3), (2,)), schedule, variance=Rule())
-    assert model.nfe == 4
+    sample(cfg, model, z[:3], SampleNoise(0, range(3), (2,)), schedule, variance=Rule(), timesteps=ts)
+    assert model.nfe == 4 == planned_nfe(cfg, schedule, ts)
+    with pytest.raises(ValueError, match="needs variance=analytic"):
+        explicit_timesteps(cfg, None)
 
 
 # ----------------------------------------------------------------------------- dispatch, autograd, errors

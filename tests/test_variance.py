@@ -436,8 +436,10 @@ def test_gamma_task_then_analytic_sampling_and_nll(compose, tmp_path):
     model = build_denoiser(cfg)
     rule = build_variance(cfg.variance, cfg.sampler, model.schedule, model_id(model.backbone))
     assert rule.path == res["gamma_path"]
+    from fewstep.build import explicit_timesteps
+
     x = sample(cfg.sampler, model, torch.randn(100, 2, generator=torch.Generator().manual_seed(0)), None,
-               model.schedule, variance=rule)
+               model.schedule, variance=rule, timesteps=explicit_timesteps(cfg.sampler, rule))
     assert x.shape == (100, 2) and torch.isfinite(x).all() and model.nfe == 6
     out, points = evaluate_nll(cfg, model, rule)
     assert out["nll_n"] == 200 and out["nll_steps"] == 6 and math.isfinite(out["nll_bpd"]) and out["nll_bpd_se"] > 0

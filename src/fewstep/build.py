@@ -146,6 +146,18 @@ def build_denoiser(cfg, device=None) -> Denoiser:
                     autocast=cfg.get("autocast", None)).to(device)
 
 
+def explicit_timesteps(cfg_sampler, variance):
+    """The trajectory a task hands its sampler when the config names one made outside it:
+    timesteps=analytic_dp -> the Analytic-DPM rule's dynamic programme (variance.dp_timesteps); else None
+    (the sampler lays out its own spacing)."""
+    if cfg_sampler.get("timesteps", None) != "analytic_dp":
+        return None
+    if not hasattr(variance, "dp_timesteps"):
+        raise ConfigError("sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs "
+                          "variance=analytic")
+    return variance.dp_timesteps(int(cfg_sampler.steps))
+
+
 def sample_shape(cfg) -> tuple:
     if cfg.dataset.name == "gmm":
         return (int(cfg.dataset.dim),)

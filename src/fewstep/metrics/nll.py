@@ -237,12 +237,13 @@ def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None,
     """metrics=nll for the evaluate task: the bound over cfg.metrics.n_data points of cfg.metrics.split,
     along the sampler's trajectory. Returns ({nll_bpd, nll_bpd_se, nll_n, nll_steps},
     {index: each point's index in the split, bpd: its bound in bits/dim}), the second for `PER_POINT_FILE`."""
+    from ..build import explicit_timesteps
     from ..samplers import sampler_timesteps
 
     mc = cfg.metrics
     rule, eta = nll_rule(cfg.get("variance"), cfg.sampler, model.schedule, variance)
     decoder_var = mc.get("decoder_var", "clipped")
-    ts = sampler_timesteps(cfg.sampler, model.schedule, variance)
+    ts = sampler_timesteps(cfg.sampler, model.schedule, explicit_timesteps(cfg.sampler, variance))
     n_data = mc.get("n_data", None)
     if n_data is not None and (isinstance(n_data, bool) or int(n_data) < 1):
         raise ConfigError(f"metrics.n_data must be >= 1 or null (got {n_data})")

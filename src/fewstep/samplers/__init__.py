@@ -80,46 +80,47 @@ def validate_sampler_cfg(cfg) -> None:
         check_lower_order_final(cfg.get("lower_order_final", True))
 
 
-def sampler_timesteps(cfg, schedule, variance=None) -> np.ndarray:
-    """Decreasing float64 timesteps of a native sampler: cfg.timesteps spacing, or the Analytic-DPM
-    optimal trajectory `variance.dp_timesteps(steps)` when cfg.timesteps == "analytic_dp"."""
+def sampler_timesteps(cfg, schedule, timesteps=None) -> np.ndarray:
+    """Decreasing float64 timesteps of a native sampler: the explicit `timesteps` when given (any order;
+    a jump to data, t = -1, is dropped: every sampler ends with it), else the cfg.timesteps spacing.
+    timesteps=analytic_dp names a trajectory made outside the sampler (build.explicit_timesteps asks the
+    Analytic-DPM rule for it), so it must come in explicitly."""
+    if timesteps is not None:
+        ts = np.asarray(timesteps, dtype=np.float64)
+        return np.sort(ts[ts >= 0])[::-1].copy()
     spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[cfg.get("name")]
     if spacing == ANALYTIC_DP:
-        if variance is None or not hasattr(variance, "dp_timesteps"):
-            raise ValueError("timesteps=analytic_dp needs an Analytic-DPM variance rule (variance=analytic), "
-                             "which provides dp_timesteps(steps)")
-        ts = np.asarray(variance.dp_timesteps(int(cfg.get("steps"))), dtype=np.float64)
-        return np.sort(ts[ts >= 0])[::-1].copy()  # the jump to data (t = -1) is implicit
+        raise ValueError("timesteps=analytic_dp is the Analytic-DPM optimal trajectory (variance=analytic): "
+                         "pass it as explicit timesteps")
     return select_timesteps(schedule, int(cfg.get("steps")), spacing, endpoint=bool(cfg.get("endpoint", True)))
 
 
-def planned_nfe(cfg, schedule, variance=None) -> int:
+def planned_nfe(cfg, schedule, timesteps=None) -> int:
     """The number of model calls `sample(cfg, ...)` will make: one per timestep, Heun's 2 M - 1 (no
     correction on the last step), a diffusers scheduler's own timestep count."""
-    validate_sampler_cfg(cfg)
     name = cfg.get("name")
     if name == "diffusers":
         return planned_calls(schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg))
-    m = len(sampler_timesteps(cfg, schedule, variance))
+    m = len(sampler_timesteps(cfg, schedule, timesteps))
     return 2 * m - 1 if name == "heun" else m
 
 
 def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None, callback=None,
-           extra_args: Optional[dict] = None) -> torch.Tensor:
+           extra_args: Optional[dict] = None, timesteps=None) -> torch.Tensor:
     """x_0 from initial noise z ~ N(0, I) with the sampler described by the config node `cfg`.
 
     noise: a SampleNoise (per-sample N(0, I) for stochastic steps; its generators feed stochastic
     diffusers schedulers). variance: an optional reverse-variance rule variance(t, s, lam2) -> sigma2
     used by ddpm and ddim (Analytic-DPM; validation refuses it elsewhere). callback(i, t, x, x0) and
-    extra_args: see the module docstring.
+    extra_args: see the module docstring. timesteps: an explicit trajectory (see sampler_timesteps).
+    The config is not validated here: the tasks validate it once, before anything is built.
     """
-    validate_sampler_cfg(cfg)
     name = cfg.get("name")
     kw = dict(callback=callback, extra_args=extra_args)
     if name == "diffusers":
         return sample_diffusers(model, z, schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg),
                                 noise=noise, **kw)
-    ts = sampler_timesteps(cfg, schedule, variance)
+    ts = sampler_timesteps(cfg, schedule, timesteps)
     if name == "ddim":
         return sample_ddim(model, z, ts, schedule, eta=float(cfg.get("eta", 0.0)), noise=noise, variance=variance, **kw)
     if name == "ddpm":

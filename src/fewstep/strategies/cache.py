@@ -274,8 +274,8 @@ class DeepCache:
 
 # ---------------------------------------------------------------------------- builder
 def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
-    """cfg.cache -> a DeepCache object, or None when the cache is off (name none or interval 1)."""
-    validate_cache_cfg(cfg_cache)
+    """cfg.cache -> a DeepCache object (which checks its arguments), or None when the cache is off (name
+    none or interval 1)."""
     if option(cfg_cache, "name", "none") == "none" or int(option(cfg_cache, "interval", 1)) == 1:
         return None
     require_partial_forwards(adapter)

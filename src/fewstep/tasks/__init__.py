@@ -101,6 +101,8 @@ def validate(cfg) -> None:
 
         check(bool(skip.get("path")), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
         load_learned(skip.path)   # the file's form and values; its model is checked when the backbone is built
+    check(cfg.sampler.get("timesteps", None) != "analytic_dp" or cfg.variance.name == "analytic",
+          "sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs variance=analytic")
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
 

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..build import build_denoiser, resolve_device, sample_shape
+from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_shape
 from ..denoiser import check_finite
 from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
@@ -85,7 +85,8 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
 
     out, nfe, calls_total, t_sample = [], [], {}, 0.0
     bs = int(cfg.batch_size)
-    calls = planned_nfe(cfg.sampler, model.schedule, variance)   # what the sampler says it will make
+    ts = explicit_timesteps(cfg.sampler, variance)
+    calls = planned_nfe(cfg.sampler, model.schedule, ts)          # what the sampler says it will make
     with tqdm(total=len(indices), desc="sampling", unit="img", dynamic_ncols=True, disable=not progress) as bar:
         for lo in range(0, len(indices), bs):   # the bar ends its line even when sampling stops on an error
             idx = indices[lo: lo + bs]
@@ -97,7 +98,7 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
+            x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t_sample += time.perf_counter() - t0

@@ -165,7 +165,7 @@ def _batch_size(cfg) -> int:
 
 def run(cfg, out_dir: Optional[str] = None) -> dict:
     """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json."""
-    from ..build import build_denoiser, resolve_device, sample_shape
+    from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_shape
     from ..outputs import METRICS_FILE, RunLogger, output_dir, write_json_atomic
     from ..samplers import planned_nfe, sample
     from ..samplers.noise import SampleNoise
@@ -180,6 +180,7 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
     variance = build_variance_rule(cfg, model)
+    ts = explicit_timesteps(cfg.sampler, variance)
     adapter = model.backbone
     strategy = list(adapter.skip_hooks)  # what build_denoiser installed from cfg.skip
 
@@ -188,8 +189,8 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
         z = noise()
         model.reset()
         if model.cache is not None and hasattr(model.cache, "plan"):
-            model.cache.plan(planned_nfe(cfg.sampler, model.schedule, variance))
-        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance)
+            model.cache.plan(planned_nfe(cfg.sampler, model.schedule, ts))
+        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts)
 
     variants = {"plain": []}
     if strategy:
