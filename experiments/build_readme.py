@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             return check(*render(TEMPLATE.read_text(), Path(tmp), args.only, committed))
     text, _ = render(TEMPLATE.read_text(), None, args.only, committed)
-    README.write_text(text)
+    from fewstep.fileio import write_text_atomic
+
+    write_text_atomic(README, text)
     print(f"wrote {README.relative_to(ROOT)}")
     return 0
 

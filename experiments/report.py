@@ -293,8 +293,14 @@ def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    from fewstep.fileio import atomic_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = out.suffix[1:] or plt.rcParams["savefig.format"]   # no suffix: matplotlib's default, appended
+    out = out if out.suffix else out.with_name(f"{out.name}.{kind}")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=kind)
     print(f"wrote {out}")
 
 

@@ -15,21 +15,22 @@ import hashlib
 import io
 import json
 import math
-import numbers
 import os
 import socket
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from . import fileio as _fileio
+from .fileio import atomic_path, write_json_atomic, write_text_atomic
+
+strict_json, write_bytes_atomic = _fileio.strict_json, _fileio.write_bytes_atomic   # their home is fewstep.fileio
 
 METRICS_FILE = "metrics.json"
 
@@ -42,79 +43,6 @@ def output_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return Path(os.getcwd())
-
-
-def _tmp_name(path: Path) -> Path:
-    """A temporary name next to `path`, unique to this process and thread (two writers never share one)."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident() % 100000}.tmp")
-
-
-@contextmanager
-def atomic_path(path) -> Iterator[Path]:
-    """The one way fewstep replaces a file atomically:
-
-        with atomic_path(out / "x.npz") as tmp:
-            with open(tmp, "wb") as f:          # give np.savez / torch.save / save_file the tmp path or a handle
-                np.savez(f, ...)
-
-    Inside, write the whole file to `tmp` (a per-process name next to `path`); on leaving, it is flushed
-    to disk and renamed over `path`, so a reader sees the old file or the whole new one, never a part.
-    On an exception the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        yield tmp
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_bytes_atomic(path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-    return Path(path)
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Write through a per-process temporary file and a rename: a reader sees the old file or the whole new one."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
-    return Path(path)
-
-
-def strict_json(obj):
-    """obj with every non-finite float (nan, inf: e.g. a metric that could not be computed) as None, so it
-    serialises as strict JSON (null), which every JSON reader accepts; numpy / torch scalars become floats."""
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    try:
-        v = float(obj)
-    except (TypeError, ValueError):
-        return obj
-    return v if math.isfinite(v) else None
-
-
-def write_json_atomic(path: Path, obj) -> Path:
-    """Strict JSON (no bare NaN / Infinity: they are written as null), through atomic_path."""
-    return write_text_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -533,7 +461,7 @@ class RunLogger:
                 warn(f"W&B logging failed ({_one_line(e)}); the results are in the run folder")
                 self._finish(quiet=True)
         elif self.name == "csv":
-            with open(self.out / "metrics.csv", "w", newline="") as f:
+            with atomic_path(self.out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(flat.keys())
                 w.writerow(flat.values())

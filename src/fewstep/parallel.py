@@ -35,6 +35,8 @@ from typing import Any, Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .fileio import atomic_path
+
 
 @dataclass
 class Dist:
@@ -123,10 +125,8 @@ def _spawned_entry(fabric, out_file: str, fn, *args) -> bool:
     result = fn(Dist.from_fabric(fabric), *args)
     if fabric.global_rank != 0:
         return False
-    tmp = out_file + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(out_file) as tmp, open(tmp, "wb") as f:
         pickle.dump(result, f)
-    os.replace(tmp, out_file)
     return True
 
 

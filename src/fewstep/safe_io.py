@@ -13,13 +13,13 @@ a pickle of the earlier formats (torch.save) is named as such and never unpickle
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
 from .config import ConfigError
+from .fileio import write_bytes_atomic
 
 KIND_KEY = "fewstep"
 
@@ -42,7 +42,7 @@ def is_pickle(path) -> bool:
 
 
 def save_tensors(path, tensors: Dict[str, torch.Tensor], kind: str, meta: dict) -> Path:
-    """Write tensors + JSON metadata as one safetensors file, atomically (temporary file, then rename).
+    """Write tensors + JSON metadata as one safetensors file, atomically (`fileio.write_bytes_atomic`).
 
     Serialised in memory and written with open(), so the file gets the usual umask permissions (safetensors'
     save_file creates it 0600)."""
@@ -52,11 +52,7 @@ def save_tensors(path, tensors: Dict[str, torch.Tensor], kind: str, meta: dict) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: torch.as_tensor(v).detach().cpu().contiguous().clone() for k, v in tensors.items()}
     blob = save(tensors, metadata={KIND_KEY: kind, "meta": json.dumps(meta, default=str)})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, blob)
 
 
 def load_tensors(path, kind: str, remake: str = "") -> Tuple[Dict[str, torch.Tensor], dict]:

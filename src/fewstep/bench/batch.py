@@ -37,6 +37,7 @@ import torch
 from ..build import adapt, load_pretrained
 from ..config import repo_path
 from ..denoiser import Denoiser
+from ..fileio import write_text_atomic
 from ..schedule import NoiseSchedule
 from . import write_report
 from .samplers import machine
@@ -188,7 +189,6 @@ if __name__ == "__main__":
     p.add_argument("--rows-json", help=argparse.SUPPRESS)      # child mode: measure, write rows, no markdown
     a = p.parse_args()
     if a.rows_json:
-        with open(a.rows_json, "w") as f:
-            json.dump(_rows_to_json(bench(a.batches, a.threads, a.images, a.repeats)), f)
+        write_text_atomic(a.rows_json, json.dumps(_rows_to_json(bench(a.batches, a.threads, a.images, a.repeats))))
     else:
         main(a.out_dir, a.batches, a.threads, a.images, a.repeats, a.allocator_check)

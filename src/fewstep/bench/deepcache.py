@@ -37,7 +37,7 @@ import torch
 
 from ..backbones.unet import UNetAdapter
 from ..denoiser import Denoiser
-from ..outputs import write_text_atomic
+from ..fileio import write_text_atomic
 from ..samplers.ddim import generalized_step, jumps
 from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.cache import DeepCache

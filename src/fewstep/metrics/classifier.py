@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..fileio import atomic_path, write_text_atomic
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -75,9 +77,10 @@ def save_classifier(model: SmallCNN, folder, info: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     cfg = dict(arch=model.arch, **info)
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

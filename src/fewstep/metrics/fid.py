@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,11 @@ class RefStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         iu = np.triu_indices(len(self.mu))
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, mu=self.mu.astype(np.float64), cov_triu=self.cov[iu].astype(np.float32),
-                            n=np.int64(self.n), pr_features=self.pr_features.astype(pr_dtype),
-                            meta=np.array(json.dumps(dict(self.meta, n=int(self.n),
-                                                          pr_rows=int(len(self.pr_features))))))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a handle: np.savez adds no .npz to the name
+            np.savez_compressed(f, mu=self.mu.astype(np.float64), cov_triu=self.cov[iu].astype(np.float32),
+                                n=np.int64(self.n), pr_features=self.pr_features.astype(pr_dtype),
+                                meta=np.array(json.dumps(dict(self.meta, n=int(self.n),
+                                                              pr_rows=int(len(self.pr_features))))))
         return path
 
     @classmethod

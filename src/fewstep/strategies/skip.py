@@ -278,8 +278,9 @@ def save_learned_rho(path, rho, table_t: Optional[Sequence[float]] = None, meta:
     `table_t`; yaml (.yaml/.yml) or json (.json). Floats are written with repr precision, so the file
     reads back exactly the same values. meta (model_id, sampler, ...) is stored alongside."""
     import json
-    import os
     from pathlib import Path
+
+    from ..fileio import write_text_atomic
 
     rho = torch.as_tensor(rho, dtype=torch.float32).detach().cpu()
     if rho.ndim not in (1, 2) or (rho.ndim == 2) != (table_t is not None):
@@ -289,16 +290,12 @@ def save_learned_rho(path, rho, table_t: Optional[Sequence[float]] = None, meta:
                 t=None if table_t is None else [float(v) for v in table_t],
                 rho=[float(v) for v in rho.tolist()] if rho.ndim == 1 else [[float(v) for v in r] for r in rho.tolist()])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".json":
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    else:
-        import yaml
+        return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    import yaml
 
-        head = "# learned skip scales (task=tune_rho); use with: python run.py skip=learned skip.path=<this file>\n"
-        tmp.write_text(head + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
-    os.replace(tmp, path)
-    return path
+    head = "# learned skip scales (task=tune_rho); use with: python run.py skip=learned skip.path=<this file>\n"
+    return write_text_atomic(path, head + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
 
 
 def load_learned(path) -> dict:

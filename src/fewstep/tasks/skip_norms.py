@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("variant", "step", "t", "depth", "level", "prop")
@@ -106,7 +108,7 @@ def write_skip_norms(rows: Sequence[dict], out_dir: str):
     """Write skip_norms.csv and skip_norms.png into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "skip_norms.csv")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
@@ -152,7 +154,8 @@ def _plot(rows: Sequence[dict], path: str):
     bx.set_xlabel("skip depth i (0 = deepest)")
     bx.set_ylabel("average over evaluations")
     bx.legend()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def _batch_size(cfg) -> int:

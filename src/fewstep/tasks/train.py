@@ -20,7 +20,6 @@ import copy
 import csv
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from omegaconf import OmegaConf
 
 from ..config import check, user_errors
 from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
-from ..outputs import output_dir, write_json_atomic
+from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..outputs import output_dir
 
 
 class DiffusionModule(L.LightningModule):
@@ -97,18 +97,11 @@ class DiffusionModule(L.LightningModule):
 
 
 def export_network(net, export_dir: Path, info: dict):
-    """save_pretrained into a temporary folder, then swap it in: never a half-written model."""
-    export_dir = Path(export_dir)
-    tmp = export_dir.with_name(export_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(str(tmp), safe_serialization=True)
-    write_json_atomic(tmp / "train_state.json", info)    # strict JSON: a loss not logged yet is null
-    old = export_dir.with_name(export_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if export_dir.exists():
-        export_dir.rename(old)
-    tmp.rename(export_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """save_pretrained into a per-process temporary folder, then swap it in (`fileio.atomic_dir`): never a
+    half-written model."""
+    with atomic_dir(export_dir) as tmp:
+        net.save_pretrained(str(tmp), safe_serialization=True)
+        write_json_atomic(tmp / "train_state.json", info)    # strict JSON: a loss not logged yet is null
 
 
 class ExportEMA(L.Callback):
@@ -264,7 +257,7 @@ def init_state(t, out: Path, resuming: bool) -> int:
         state = Path(t.init_from) / "train_state.json"
         info = json.loads(state.read_text()) if state.exists() else {}
         before = int(info.get("total_steps", info.get("step", 0)))
-    marker.write_text(json.dumps({"init_from": t.init_from, "steps_before": before}))
+    write_text_atomic(marker, json.dumps({"init_from": t.init_from, "steps_before": before}))
     return before
 
 

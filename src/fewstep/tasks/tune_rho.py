@@ -54,6 +54,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..config import ConfigError
+from ..fileio import atomic_path
 from ..safe_io import jsonable, load_tensors, save_tensors
 from ..samplers import sample
 from ..samplers.noise import SampleNoise
@@ -419,7 +420,7 @@ def fit(cfg, out: Path):
 
 
 def write_history(path: Path, losses: List[float]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows([i, v] for i, v in enumerate(losses))
@@ -444,7 +445,8 @@ def plot_rho(path: Path, rho: torch.Tensor, levels, table_t=None) -> Path:
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_ylabel("rho")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
 
