@@ -349,7 +349,7 @@ def _build_learned(cfg, adapter) -> list:
         raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
     saved = data.get("model_id")
     if bool(option(cfg, "check_model", True)):
-        from .variance import model_id
+        from ..identity import model_id
 
         if not saved:
             raise ValueError(f"skip.path={path} names no model_id, so it cannot be checked against this backbone "

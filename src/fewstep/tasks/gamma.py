@@ -8,10 +8,10 @@ Then sample or bound the likelihood with `variance=analytic` (and `sampler.times
 
 What it does: takes a seeded random subset of M points of `task.split` of the dataset, and for every
 timestep in `task.timesteps` (default all N) draws one x_t per point, x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps,
-and averages ||eps_theta(x_t, t)||^2 / d (`fewstep.strategies.variance.estimate_gamma`, batched, N model
+and averages ||eps_theta(x_t, t)||^2 / d (`fewstep.strategies.variance.gamma.estimate_gamma`, batched, N model
 calls per batch). The result, with its per-timestep standard error, goes to
 `<out_dir>/gamma_<model_id>_<dataset>_M<M>.safetensors` (tensors + JSON metadata, see
-`fewstep.strategies.variance.save_gamma`); `model_id` is a content hash of the network's weights, so
+`fewstep.strategies.variance.gamma.save_gamma`); `model_id` is a content hash of the network's weights, so
 `variance=analytic` finds the file of exactly this model and refuses a Gamma of another one. out_dir
 defaults to the pretrained folder when it is a local, writable folder, else to task.cache_dir.
 
@@ -56,9 +56,10 @@ import torch
 
 from ..config import ConfigError
 from ..parallel import SINGLE, Dist, all_gather, is_multiprocess, run_parallel, shard
+from ..identity import model_id, schedule_id
 from ..safe_io import jsonable, load_tensors, save_tensors
-from ..strategies.variance import (GammaStats, check_timesteps, estimate_gamma, gamma_filename, load_gamma, model_id,
-                                   save_gamma, schedule_id)
+from ..strategies.variance.gamma import (GammaStats, check_timesteps, estimate_gamma, gamma_filename, load_gamma,
+                                         save_gamma)
 
 
 PARTIAL_KIND = "gamma-partial"

@@ -161,7 +161,7 @@ def initial_noise(seed: int, indices, shape, device) -> torch.Tensor:
 def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torch.Tensor:
     """x0 of the teacher (same sampler, task.teacher_steps steps, plain network) for the given sample indices,
     from the cache file of this key when there is one (written otherwise; task.teacher_cache=false: never)."""
-    from ..strategies.variance import schedule_id
+    from ..identity import schedule_id
 
     t = cfg.task
     scfg = teacher_sampler_cfg(cfg)
@@ -339,8 +339,8 @@ def fit(cfg, out: Path):
     """Build, train and save; returns (result dict, the trained RhoTuner)."""
     from ..build import build_denoiser, resolve_device, sample_shape
     from ..outputs import make_loggers
+    from ..identity import model_id
     from ..strategies.skip import save_learned_rho
-    from ..strategies.variance import model_id
 
     validate_tune_cfg(cfg)
     t = cfg.task

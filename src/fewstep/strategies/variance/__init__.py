@@ -1,0 +1,100 @@
+"""Reverse-process variance rules (config group `variance`): fixed, or Analytic-DPM (Bao, Li, Zhu, Zhang,
+ICLR 2022, arXiv 2201.06503).
+
+    analytic.py     the formulas: Theorem 1's optimal variance clipped to Theorem 2's bounds
+                    (`analytic_sigma2`), the rules `AnalyticVariance` / `FixedVariance`
+    gamma.py        Gamma_t = E ||eps_theta(x_t, t)||^2 / d: Monte Carlo estimate (`estimate_gamma`,
+                    run by `task=gamma`) and its safetensors files (save / load / find)
+    trajectory.py   the optimal K-step trajectory by dynamic programming (`dp_trajectory`)
+
+and `fewstep.identity` (`model_id`, `schedule_id`) says which model and schedule a Gamma file belongs to.
+This module turns the config into a rule (`build_variance`) and keeps every name importable from here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ...identity import model_id, schedule_id
+from ...schedule import NoiseSchedule
+from .analytic import AnalyticVariance, FixedVariance, analytic_sigma2, pixel_cap2
+from .gamma import (GAMMA_FORMAT, GAMMA_KIND, GAMMA_SUFFIX, LEGACY_SUFFIX, GammaMismatch, GammaMissing, GammaStats,
+                    check_timesteps, estimate_gamma, find_gamma, gamma_command, gamma_filename, load_gamma,
+                    save_gamma)
+from .trajectory import dp_trajectory, jump_cost, least_cost_path, split_reliable, trajectory_cost
+
+__all__ = [
+    "AnalyticVariance", "FixedVariance", "analytic_sigma2", "pixel_cap2",
+    "GAMMA_FORMAT", "GAMMA_KIND", "GAMMA_SUFFIX", "LEGACY_SUFFIX", "GammaMismatch", "GammaMissing", "GammaStats",
+    "check_timesteps", "estimate_gamma", "find_gamma", "gamma_command", "gamma_filename", "load_gamma", "save_gamma",
+    "dp_trajectory", "jump_cost", "least_cost_path", "split_reliable", "trajectory_cost",
+    "model_id", "schedule_id",
+    "CLIP_PIXEL_DEFAULT", "VARIANCES", "validate_variance_cfg", "build_variance",
+]
+
+CLIP_PIXEL_DEFAULT = {"ddpm": 2.0, "ddim": 1.0}  # official Analytic-DPM runs (CIFAR-10, linear schedule)
+VARIANCES = ("fixed", "analytic")
+
+
+def _search_dirs(cfg_variance) -> list:
+    dirs = list(cfg_variance.get("search_dirs", None) or [])
+    return [os.path.expanduser(str(d)) for d in dirs if d not in (None, "")]
+
+
+def _clip_pixel(value, cfg_sampler) -> Optional[float]:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"variance.clip_pixel must be auto, null or a number > 0 (got '{value}')")
+        name = cfg_sampler.get("name") if cfg_sampler is not None else None
+        return CLIP_PIXEL_DEFAULT.get(name)
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"variance.clip_pixel must be auto, null or a number > 0 (got {value})")
+    return value
+
+
+def _data_range(value):
+    if value is None:
+        return None
+    a, b = (float(v) for v in value)
+    if not b > a:
+        raise ValueError(f"variance.data_range must be [a, b] with a < b, or null (got {list(value)})")
+    return (a, b)
+
+
+def validate_variance_cfg(cfg_variance, cfg_sampler=None) -> None:
+    """Cheap checks before anything heavy is built; one-line ValueError."""
+    name = cfg_variance.get("name")
+    if name not in VARIANCES:
+        raise ValueError(f"unknown variance '{name}' (choose from {', '.join(VARIANCES)})")
+    if name == "analytic":
+        _clip_pixel(cfg_variance.get("clip_pixel", "auto"), cfg_sampler)
+        _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
+
+
+def build_variance(cfg_variance, cfg_sampler, schedule: NoiseSchedule, model_id: str):
+    """variance=fixed -> None (the sampler's own variance); variance=analytic -> AnalyticVariance.
+
+    Gamma comes from variance.gamma_path, else from the best matching gamma_<model_id>_*.safetensors in
+    variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
+    one-line error naming the `python run.py task=gamma ...` command that makes the right one.
+    """
+    validate_variance_cfg(cfg_variance, cfg_sampler)
+    if cfg_variance.get("name") == "fixed":
+        return None
+    clip_pixel = _clip_pixel(cfg_variance.get("clip_pixel", "auto"), cfg_sampler)
+    data_range = _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
+    command = gamma_command(cfg_variance)
+    path = cfg_variance.get("gamma_path", None)
+    if not path:
+        dirs = _search_dirs(cfg_variance)
+        path = find_gamma(model_id, dirs, cfg_variance.get("dataset", None))
+        if path is None:
+            where = ", ".join(dirs) if dirs else "no variance.search_dirs"
+            raise GammaMissing(f"no Gamma file for model {model_id} (searched {where}): estimate it with `{command}` "
+                               f"or pass variance.gamma_path=...")
+    g = load_gamma(path, model_id, schedule, command)
+    return AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
+                            data_range=data_range, model_id=model_id, path=g["path"])
