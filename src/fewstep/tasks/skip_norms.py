@@ -169,7 +169,9 @@ def _batch_size(cfg) -> int:
 def run(cfg, out_dir: Optional[str] = None) -> dict:
     """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json."""
     from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_shape
-    from ..outputs import METRICS_FILE, RunLogger, output_dir, write_json_atomic
+    from ..fileio import write_json_atomic
+    from ..loggers import RunLogger
+    from ..run_folder import METRICS_FILE, output_dir
     from ..samplers import planned_nfe, sample
     from ..samplers.noise import SampleNoise
     from .evaluate import build_variance_rule

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from ..config import check, user_errors
 from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
-from ..outputs import output_dir
+from ..run_folder import output_dir
 
 
 class DiffusionModule(L.LightningModule):
@@ -160,7 +160,7 @@ class SampleAndScore(L.Callback):
     @torch.no_grad()
     def _sample_and_score(self, trainer, pl_module, step):
         from ..denoiser import Denoiser
-        from ..outputs import save_grid
+        from ..images import save_grid
         from ..samplers import sample
         from ..samplers.noise import SampleNoise
 
@@ -274,7 +274,7 @@ def validate_train_cfg(t) -> None:
 
 def run(cfg) -> dict:
     from ..data.datamodule import DiffusionDataModule
-    from ..outputs import make_loggers
+    from ..loggers import make_loggers
 
     validate_train_cfg(cfg.task)
     L.seed_everything(int(cfg.seed), workers=True)

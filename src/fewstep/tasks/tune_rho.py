@@ -338,8 +338,8 @@ def _loader(idx, z, target, batch_size, shuffle, seed):
 def fit(cfg, out: Path):
     """Build, train and save; returns (result dict, the trained RhoTuner)."""
     from ..build import build_denoiser, resolve_device, sample_shape
-    from ..outputs import make_loggers
     from ..identity import model_id
+    from ..loggers import finish_loggers, make_loggers
     from ..strategies.skip import save_learned_rho
 
     validate_tune_cfg(cfg)
@@ -410,8 +410,9 @@ def fit(cfg, out: Path):
             result["rho"] = [float(v) for v in rho.tolist()]
         log_final(loggers, result, rho, levels, table_t, out / "rho.png")
     finally:
-        _finish_wandb(loggers)
-    from ..outputs import METRICS_FILE, write_json_atomic
+        finish_loggers(loggers)
+    from ..fileio import write_json_atomic
+    from ..run_folder import METRICS_FILE
 
     write_json_atomic(out / METRICS_FILE, result)
     print(f"[tune_rho] rho written to {rho_path}\n[tune_rho] use it: python run.py skip=learned skip.path={rho_path} "
@@ -470,16 +471,8 @@ def log_final(loggers, result: dict, rho: torch.Tensor, levels, table_t, image: 
                 lg.experiment.summary[k] = v
 
 
-def _finish_wandb(loggers) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    for lg in loggers:
-        if isinstance(lg, WandbLogger) and lg._experiment is not None:
-            lg.experiment.finish()   # one W&B run per job (the logger's run is not wandb.run)
-
-
 def run(cfg, out=None) -> dict:
-    from ..outputs import output_dir
+    from ..run_folder import output_dir
 
     result, _ = fit(cfg, Path(out) if out is not None else output_dir())
     return result
