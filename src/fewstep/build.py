@@ -134,16 +134,40 @@ def install_strategies(cfg, backbone):
     return build_cache(cfg.cache, backbone)
 
 
+def class_embeds(cfg_backbone) -> int | None:
+    """How many class embeddings the configured network has (classes + 1: the last is the null class of
+    classifier-free guidance), or None for an unconditional one; read from the config (backbone.config,
+    or the pretrained folder's config.json) without building the network."""
+    name = str(cfg_backbone.name)
+    key = {"unet": "num_class_embeds", "uvit": "num_classes"}.get(name)
+    if key is None:
+        return None
+    if cfg_backbone.get("pretrained"):
+        import json
+
+        path = Path(os.path.expanduser(str(cfg_backbone.pretrained))) / (cfg_backbone.get("subfolder") or "") / "config.json"
+        conf = json.loads(path.read_text()) if path.exists() else {}
+    else:
+        conf = cfg_backbone.get("config") or {}
+    n = conf.get(key)
+    return int(n) if n else None
+
+
 def build_denoiser(cfg, device=None) -> Denoiser:
     """The configured network with its strategies installed; a config that does not fit the network (a
     cache branch it lacks, a rho file of another model, an unreadable checkpoint) is a ConfigError."""
+    from .strategies.guidance import build_guidance
+
     device = device or resolve_device(cfg.get("device", "auto"))
     with user_errors():
         backbone, schedule = build_backbone(cfg)
         backbone.requires_grad_(False)
         cache = install_strategies(cfg, backbone)
+    n_embeds = class_embeds(cfg.backbone)
+    guidance = build_guidance(cfg.guidance) if "guidance" in cfg else None
     return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
-                    autocast=cfg.get("autocast", None)).to(device)
+                    autocast=cfg.get("autocast", None), guidance=guidance,
+                    null_label=None if n_embeds is None else n_embeds - 1).to(device)
 
 
 def explicit_timesteps(cfg_sampler, variance):

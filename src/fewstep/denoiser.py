@@ -12,6 +12,12 @@ Strategies act below it: skip hooks live on the backbone adapter, a cache
 strategy (DeepCache) replaces the backbone call. The denoiser counts every
 network evaluation (NFE) and, per kind of call ("full", "partial@m"), its MACs.
 
+A condition (class labels; the sampler hands them over untouched as extra_args) goes to the backbone.
+With a guidance strategy (strategies/guidance.py: classifier-free guidance) the denoiser computes the
+conditional and unconditional rows in one batched call, conditional rows first, and returns the guided
+eps. `calls` counts network calls by kind (the NFE), `rows` the rows per sample they computed (2 for a
+guided call, 1 otherwise): MACs per sample = sum over kinds of rows x MACs of one row.
+
 Non-finite numbers stop a run where they appear: a call whose input x or network output is not finite
 raises NonFiniteSamples naming the call and its timestep (a diverging sampler, an fp16 overflow), instead
 of producing black images or failing later inside a metric.
@@ -55,8 +61,10 @@ def autocast_dtype(name) -> Optional[torch.dtype]:
 
 class Denoiser(nn.Module):
     def __init__(self, backbone: nn.Module, schedule: NoiseSchedule, parameterization: str = "eps",
-                 cache=None, autocast: Optional[str] = None):
+                 cache=None, autocast: Optional[str] = None, guidance=None, null_label: Optional[int] = None):
         super().__init__()
+        if guidance is not None and null_label is None:
+            raise ValueError("guidance needs the null class label of the network (its unconditional row)")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization '{parameterization}' (choose from {', '.join(PARAMETERIZATIONS)})")
         self.backbone = backbone
@@ -64,7 +72,9 @@ class Denoiser(nn.Module):
         self.parameterization = parameterization
         self.cache = cache
         self.autocast = autocast_dtype(autocast)
+        self.guidance, self.null_label = guidance, null_label
         self.calls: Counter = Counter()  # kind of backbone call -> number of batched calls
+        self.rows: Counter = Counter()   # kind -> rows per sample computed by those calls
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -73,7 +83,7 @@ class Denoiser(nn.Module):
 
     def reset(self):
         """Start a new sampling run for a new batch: zero the counters, drop any cache."""
-        self.calls = Counter()
+        self.calls, self.rows = Counter(), Counter()
         if self.cache is not None:
             self.cache.reset()
 
@@ -81,22 +91,42 @@ class Denoiser(nn.Module):
     def _alpha_bar(self, t: float, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(float(self.schedule.alpha_bar_at(t)), dtype=like.dtype, device=like.device)
 
-    def backbone_out(self, x: torch.Tensor, t) -> torch.Tensor:
+    def backbone_out(self, x: torch.Tensor, t, class_labels=None, rows: int = 1) -> torch.Tensor:
         tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+        cond = {} if class_labels is None else {"class_labels": class_labels}
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if self.cache is not None:
-                out, kind = self.cache(self.backbone, x, tt)
+                out, kind = self.cache(self.backbone, x, tt, **cond)
             else:
-                out, kind = self.backbone(x, tt), "full"
+                out, kind = self.backbone(x, tt, **cond), "full"
         self.calls[kind] += 1
+        self.rows[kind] += rows
         return out
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        """eps_theta(x_t, t)."""
+    def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps_theta(x_t, t[, y]): guided when a guidance strategy is set (class_labels required then)."""
         call = f"network call {self.nfe + 1} (t = {float(t):.4g})"
         check_finite(x, f"the sample entering {call}")
-        f = self.backbone_out(x, t)
+        rows = "cond" if self.guidance is None else self.guidance.rows_at(t)
+        if rows != "cond" and class_labels is None:
+            raise ValueError("guidance needs class_labels (the sampler's extra_args)")
+        if rows == "both":
+            y_null = torch.full_like(class_labels, self.null_label)
+            self.backbone.cond_rows = x.shape[0]            # skip.rows=cond scales these rows only
+            try:
+                f = self.backbone_out(torch.cat([x, x]), t, torch.cat([class_labels, y_null]), rows=2)
+            finally:
+                self.backbone.cond_rows = None
+            check_finite(f, f"the network output of {call}")
+            eps_c, eps_u = self._to_eps(torch.cat([x, x]), t, f).chunk(2)
+            return self.guidance.combine(eps_c, eps_u, x, t, self.schedule)
+        y = class_labels if rows == "cond" else torch.full_like(class_labels, self.null_label)
+        f = self.backbone_out(x, t, y)
         check_finite(f, f"the network output of {call}")
+        return self._to_eps(x, t, f)
+
+    def _to_eps(self, x: torch.Tensor, t, f: torch.Tensor) -> torch.Tensor:
+        """The backbone's output f in its parameterization -> eps at the state x."""
         if f.shape[1] != x.shape[1]:  # learned-variance heads: keep the mean channels
             f = f[:, : x.shape[1]]
         f = f.to(x.dtype)

@@ -80,6 +80,35 @@ def min_samples(cfg_metrics, has_logits: bool | None = None) -> int:
     return max(2, pr, is_)
 
 
+class ClassConsistency(Metric):
+    """Class consistency of conditional samples: how often the feature classifier assigns a sample the class
+    it was generated for, overall and per class (a classifier with the dataset's classes: test accuracy
+    on real images, classifier_test_accuracy, is the ceiling to compare with). Counts are summed across
+    processes."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.add_state("correct", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise ValueError(f"class labels outside the feature classifier's {self.num_classes} classes")
+        hit = (logits.argmax(1) == labels).long()
+        self.total += torch.bincount(labels, minlength=self.num_classes)
+        self.correct += torch.bincount(labels, weights=hit.double(), minlength=self.num_classes).long()
+
+    def compute(self) -> dict:
+        out = {"class_accuracy": float(self.correct.sum()) / max(1, int(self.total.sum()))}
+        for c in range(self.num_classes):
+            if int(self.total[c]):
+                out[f"class_accuracy_{c}"] = float(self.correct[c]) / int(self.total[c])
+        return out
+
+
 class FeatureBank(Metric):
     """Keeps up to `max_rows` fake feature rows (and logits) for precision/recall and IS; counts all samples.
     The row cap applies per process (each DDP rank keeps up to max_rows)."""
@@ -135,6 +164,7 @@ class Metrics:
         self.ref_digest = file_digest(self.ref_path)   # which statistics made the FID: metrics.json records it
         self.fake_features = None       # after compute(): the generated rows kept (in sample order), N x D
         self.fid = FID(self.extractor).to(self.device)
+        self.consistency = None      # made at the first labelled batch (conditional models)
         if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
             self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
         self.n_boot = int(g("fid_bootstrap", 0) or 0)
@@ -148,19 +178,26 @@ class Metrics:
         return self.extractor.name if self.enabled else "none"
 
     @torch.no_grad()
-    def update(self, fake: torch.Tensor) -> None:
-        """Add a batch of generated images (float, [-1, 1] -- clipped --, N x C x H x W)."""
+    def update(self, fake: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Add a batch of generated images (float, [-1, 1] -- clipped --, N x C x H x W), with the class
+        labels they were sampled for when the model is conditional (class consistency)."""
         if not self.enabled:
             return
         feats, logits = self.extractor.extract(fake.to(self.device))
         self.fid.update(features=feats, real=False)
         self.bank.update(feats, logits if self.do_is else None)
+        if labels is not None and logits is not None:
+            if self.consistency is None:
+                self.consistency = ClassConsistency(logits.shape[1]).to(self.device)
+            self.consistency.update(logits, labels.to(self.device))
 
     def reset(self) -> None:
         """Forget the generated images (the real statistics stay)."""
         if self.enabled:
             self.fid.reset()
             self.bank.reset()
+            if self.consistency is not None:
+                self.consistency.reset()
 
     @torch.no_grad()
     def compute(self) -> dict:
@@ -187,4 +224,6 @@ class Metrics:
         acc = getattr(self.extractor, "test_accuracy", None)
         if acc is not None:
             out["classifier_test_accuracy"] = float(acc)
+        if self.consistency is not None:
+            out.update(self.consistency.compute())
         return out

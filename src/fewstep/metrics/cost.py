@@ -26,17 +26,18 @@ def count_macs(fn: Callable, *args, **kwargs) -> int:
     return counter.get_total_flops() // 2
 
 
-def macs_per_call(backbone, x_example: torch.Tensor, cache=None, t: Optional[float] = None) -> dict:
+def macs_per_call(backbone, x_example: torch.Tensor, cache=None, t: Optional[float] = None, **cond) -> dict:
     """kind -> MACs per sample of one backbone call: "full" = backbone(x, t) on one sample of x_example.
 
     If `cache` (a cache strategy object) has `measure_macs(backbone, x)` returning a dict of its own
     kinds (e.g. {"full@m": ..., "partial@m": ...}), it is merged in. `t` is the timestep used for the
-    measurement (default 0; a UNet's cost does not depend on it)."""
+    measurement (default 0; a UNet's cost does not depend on it). cond: the condition of that one sample
+    (class_labels of shape (1,)) for a conditional network."""
     x1 = x_example[:1]
     t1 = torch.full((1,), float(t or 0.0), dtype=torch.float32, device=x1.device)
-    macs = {"full": count_macs(backbone, x1, t1)}
+    macs = {"full": count_macs(backbone, x1, t1, **cond)}
     if cache is not None and hasattr(cache, "measure_macs"):
-        extra = cache.measure_macs(backbone, x1)
+        extra = cache.measure_macs(backbone, x1, **cond)
         if extra:
             macs.update({str(k): int(v) for k, v in extra.items()})
     return macs

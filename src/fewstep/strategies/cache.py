@@ -239,13 +239,15 @@ class DeepCache:
         # compared with the input, not the cached feature: under autocast the feature is bf16 / fp16
         return self._cache is not None and self._cache_for == (x.shape[0], x.device, x.dtype)
 
-    def __call__(self, backbone, x: torch.Tensor, t_batch: torch.Tensor):
+    def __call__(self, backbone, x: torch.Tensor, t_batch: torch.Tensor, **cond):
+        """cond: the condition of the rows (class_labels), passed to both forwards. A guided call has twice
+        the rows of an unguided one, so a cache made by the other kind does not fit: that call is full."""
         full_fn, partial_fn = self._functions(backbone)
         i = self._i
         self._i += 1
         if not self.is_full(i) and self._cache_fits(x):
-            return partial_fn(x, t_batch, self._cache), self.kind_partial
-        out, cache = full_fn(x, t_batch)
+            return partial_fn(x, t_batch, self._cache, **cond), self.kind_partial
+        out, cache = full_fn(x, t_batch, **cond)
         self._cache = tuple(c.detach() if torch.is_tensor(c) else c for c in cache)
         self._cache_for = (x.shape[0], x.device, x.dtype)
         self._last_full = i
@@ -253,7 +255,7 @@ class DeepCache:
 
     # -------------------------------------------------------------- cost
     @torch.no_grad()
-    def measure_macs(self, backbone, x: torch.Tensor, t: float = 500.0) -> Dict[str, float]:
+    def measure_macs(self, backbone, x: torch.Tensor, t: float = 500.0, **cond) -> Dict[str, float]:
         """MACs per sample of a full and of a partial call (FlopCounterMode FLOPs / 2 / batch).
 
         Runs the eager forwards once each on `x`; attention is counted through the math SDPA path.
@@ -264,10 +266,10 @@ class DeepCache:
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
         with _sdpa_math():
             with FlopCounterMode(display=False) as fc:
-                _, cache = backbone.forward_full(x, tb, branch=self.branch)
+                _, cache = backbone.forward_full(x, tb, branch=self.branch, **cond)
             full = fc.get_total_flops()
             with FlopCounterMode(display=False) as fc:
-                backbone.forward_partial(x, tb, cache, branch=self.branch)
+                backbone.forward_partial(x, tb, cache, branch=self.branch, **cond)
             part = fc.get_total_flops()
         return {"full": full / 2 / B, self.kind_partial: part / 2 / B}
 

@@ -374,9 +374,36 @@ _BUILDERS: Dict[str, Callable] = {
 }
 
 
+ROWS = ("both", "cond")
+
+
+class CondRowsOnly:
+    """A skip hook restricted to the conditional rows of a guided call (skip.rows=cond).
+
+    The denoiser puts a guided call's conditional rows first and sets `adapter.cond_rows` to their number
+    for that call (None otherwise: every row is a conditional one); the unconditional rows pass unchanged."""
+
+    def __init__(self, hook, adapter):
+        self.hook, self.adapter = hook, adapter
+
+    def __call__(self, i: int, d: torch.Tensor, u: torch.Tensor, t: torch.Tensor):
+        n = getattr(self.adapter, "cond_rows", None)
+        if n is None:
+            return self.hook(i, d, u, t)
+        dc, uc = self.hook(i, d[:n], u[:n], t[:n])
+        return torch.cat([dc, d[n:]]), torch.cat([uc, u[n:]])
+
+
 def build_skip(cfg_skip, adapter) -> list:
-    """Hooks for `cfg.skip`, to append to `adapter.skip_hooks` (in order). [] = plain network."""
+    """Hooks for `cfg.skip`, to append to `adapter.skip_hooks` (in order). [] = plain network.
+
+    skip.rows (with guidance): both (default) scales the conditional and the unconditional rows alike,
+    cond only the conditional ones."""
     name = str(option(cfg_skip, "name", "none"))
     if name not in _BUILDERS:
         raise ValueError(f"unknown skip strategy '{name}' (choose from {', '.join(_BUILDERS)})")
-    return _BUILDERS[name](cfg_skip, adapter)
+    rows = option(cfg_skip, "rows", "both")
+    if rows not in ROWS:
+        raise ValueError(f"skip.rows must be both or cond (got {rows})")
+    hooks = _BUILDERS[name](cfg_skip, adapter)
+    return [CondRowsOnly(h, adapter) for h in hooks] if rows == "cond" else hooks

@@ -54,6 +54,23 @@ def image_metrics(cfg) -> bool:
     return True
 
 
+def validate_conditioning(cfg, n_train: int) -> None:
+    """labels and guidance against the network's class embeddings (read from its config, nothing built)."""
+    from ..build import class_embeds
+    from ..conditions import check_labels
+    from ..strategies.guidance import require_conditional, validate_guidance_cfg
+
+    g = cfg.get("guidance") or {"name": "none"}
+    validate_guidance_cfg(g, n_train)
+    n_embeds = class_embeds(cfg.backbone)
+    if g.get("name", "none") != "none":
+        require_conditional(n_embeds, f"guidance={g.get('name')}")
+    if n_embeds is not None:
+        check(n_embeds >= 2, f"a class-conditional network needs its classes plus a null class (got {n_embeds} "
+                             f"class embeddings)")
+        check_labels(cfg.get("labels", "balanced"), n_embeds - 1)
+
+
 def validate(cfg) -> None:
     """Cheap checks of everything the user can mistype, from the config alone; raises ConfigError (one line)."""
     check_finite_options(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
@@ -101,10 +118,16 @@ def validate(cfg) -> None:
 
         check(bool(skip.get("path")), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
         load_learned(skip.path)   # the file's form and values; its model is checked when the backbone is built
+    check(skip.get("rows", "both") in ("both", "cond"), f"skip.rows must be both or cond (got {skip.get('rows')})")
+    validate_conditioning(cfg, n_train)
     check(cfg.sampler.get("timesteps", None) != "analytic_dp" or cfg.variance.name == "analytic",
           "sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs variance=analytic")
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
+
+        check((cfg.get("guidance") or {}).get("name", "none") == "none",
+              f"variance={cfg.variance.name} with guidance: the guided eps is another model, and task=gamma "
+              f"estimates Gamma for unguided models only")
 
         check(cfg.sampler.name in VARIANCE_SAMPLERS,
               f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "

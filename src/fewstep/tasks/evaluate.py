@@ -49,6 +49,17 @@ def weights_of(cfg_backbone) -> str:
     return str(cfg_backbone.get("pretrained") or "random (backbone.pretrained=null)")
 
 
+def conditions(cfg, model, indices, device) -> dict:
+    """The extra_args of these samples' model calls: their class labels (`labels`) when the network is
+    class-conditional, else none."""
+    if model.null_label is None:
+        return {}
+    from ..conditions import sample_labels
+
+    return {"class_labels": sample_labels(cfg.get("labels", "balanced"), int(cfg.seed), indices, model.null_label,
+                                          device)}
+
+
 def build_variance_rule(cfg, model):
     if cfg.variance.name == "fixed":
         return None
@@ -74,16 +85,17 @@ def cost_per_call(cfg, model, shape, device):
     from ..metrics.cost import macs_per_call
 
     x = torch.zeros((1,) + tuple(shape), device=device)
-    return macs_per_call(model.backbone, x, cache=model.cache)
+    return macs_per_call(model.backbone, x, cache=model.cache, **conditions(cfg, model, [0], device))
 
 
 @torch.no_grad()
 def generate(cfg, model, variance, shape, device, indices, on_batch=None, progress: bool = False):
-    """Sample the given global indices in batches; returns (samples on cpu, stats). progress: a bar over the
+    """Sample the given global indices in batches; returns (samples on cpu, stats). on_batch(x, labels): each
+    batch of samples with their class labels (None for an unconditional network); progress: a bar over the
     samples (stderr)."""
     from tqdm.auto import tqdm
 
-    out, nfe, calls_total, t_sample = [], [], {}, 0.0
+    out, nfe, calls_total, rows_total, t_sample = [], [], {}, {}, 0.0
     bs = int(cfg.batch_size)
     ts = explicit_timesteps(cfg.sampler, variance)
     calls = planned_nfe(cfg.sampler, model.schedule, ts)          # what the sampler says it will make
@@ -92,13 +104,14 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
             idx = indices[lo: lo + bs]
             noise = SampleNoise(int(cfg.seed), idx, shape, device=device)
             z = noise()
+            cond = conditions(cfg, model, idx, device)
             model.reset()
             if model.cache is not None and hasattr(model.cache, "plan"):
                 model.cache.plan(calls)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts)
+            x = sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts, extra_args=cond)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t_sample += time.perf_counter() - t0
@@ -106,13 +119,15 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
             nfe.append(model.nfe)
             for k, v in model.calls.items():
                 calls_total[k] = calls_total.get(k, 0) + v * len(idx)
+            for k, v in model.rows.items():
+                rows_total[k] = rows_total.get(k, 0) + v * len(idx)
             x = x.float().cpu()
             if on_batch is not None:
-                on_batch(x)
+                on_batch(x, cond.get("class_labels"))
             out.append(x)
             bar.update(len(idx))
     samples = torch.cat(out) if out else torch.empty((0,) + tuple(shape))
-    return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "time": t_sample,
+    return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "rows": rows_total, "time": t_sample,
                      "nfe_batches": nfe}
 
 
@@ -129,11 +144,14 @@ def print_table(metrics: dict, keys=None):
 def _combine_stats(stats: list) -> dict:
     """Per-rank generate() stats -> one: NFE averaged over all batches, calls summed, time of the slowest rank."""
     nfe = [v for st in stats for v in st["nfe_batches"]]
-    calls = {}
+    calls, rows = {}, {}
     for st in stats:
         for k, v in st["calls"].items():
             calls[k] = calls.get(k, 0) + v
-    return {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls, "time": max(st["time"] for st in stats)}
+        for k, v in st["rows"].items():
+            rows[k] = rows.get(k, 0) + v
+    return {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls, "rows": rows,
+            "time": max(st["time"] for st in stats)}
 
 
 def evaluate_rank(dist: Dist, cfg):
@@ -149,7 +167,7 @@ def evaluate_rank(dist: Dist, cfg):
     n_total = int(cfg.n_samples)
     indices = shard(n_total, dist.rank, dist.world)
     samples, st = generate(cfg, model, variance, shape, device, indices,
-                           on_batch=(lambda x: metrics.update(x)) if metrics is not None else None,
+                           on_batch=metrics.update if metrics is not None else None,
                            progress=dist.is_global_zero)
     quality = metrics.compute() if metrics is not None else {}        # collective: states synced across ranks
     st = _combine_stats(all_gather(st, dist))
@@ -170,13 +188,19 @@ def evaluate_rank(dist: Dist, cfg):
         result["gamma"], result["gamma_sha256"] = str(Path(variance.path).resolve()), file_digest(variance.path)
     if cfg.get("autocast", None):
         result["autocast"] = str(cfg.autocast)
+    if model.null_label is not None:
+        result["labels"] = str(cfg.get("labels", "balanced"))
+        result["guidance"] = cfg.guidance.name
+        if cfg.guidance.name != "none":
+            result["guidance_scale"] = float(cfg.guidance.scale)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
         result["timesteps"] = cfg.sampler.get("timesteps", None) or DEFAULT_SPACING[cfg.sampler.name]
         result["endpoint"] = bool(cfg.sampler.get("endpoint", True))
     if dist.world > 1:
         result["world_size"] = dist.world
     if macs:
-        result["macs_per_sample"] = sum(c * macs.get(k, float("nan")) for k, c in st["calls"].items()) / n
+        # every row computed counts: a guided call computes two per sample
+        result["macs_per_sample"] = sum(c * macs.get(k, float("nan")) for k, c in st["rows"].items()) / n
         for k, v in macs.items():
             result[f"macs_{k.replace('@', '_')}"] = v
     for k, c in st["calls"].items():

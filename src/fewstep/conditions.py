@@ -1,0 +1,47 @@
+"""The condition of each sample, decided by config and by the sample's index alone.
+
+`labels` (config key) for a class-conditional network with C classes:
+
+    balanced   sample i gets class i mod C (equal counts for n_samples a multiple of C; the default)
+    random     sample i draws its class from its own generator, seeded from (seed, i) on a stream of its
+               own (samplers/noise.py), so the noise of sample i is the same as without labels
+    k          every sample gets class k (0 <= k < C)
+
+Like the noise, a sample's label depends on its index only: not on batch size, batch order or the
+number of processes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .config import check
+from .samplers.noise import sample_seed
+
+LABEL_STREAM = 7        # the stream of sample_seed used for labels=random (0 is the samplers' noise)
+RULES = ("balanced", "random")
+
+
+def check_labels(rule, num_classes: int) -> None:
+    """One-line ConfigError for a labels rule that does not fit C = num_classes classes."""
+    if isinstance(rule, bool) or not isinstance(rule, (int, str)):
+        check(False, f"labels must be balanced, random or a class index (got {rule!r})")
+    if isinstance(rule, int):
+        check(0 <= rule < num_classes, f"labels={rule} is not a class of this network (0..{num_classes - 1})")
+    else:
+        check(rule in RULES, f"labels must be balanced, random or a class index 0..{num_classes - 1} (got {rule!r})")
+
+
+def sample_labels(rule, seed: int, indices: Sequence[int], num_classes: int, device="cpu") -> torch.Tensor:
+    """The class labels (int64) of the samples with these global indices."""
+    check_labels(rule, num_classes)
+    idx = [int(i) for i in indices]
+    if rule == "balanced":
+        y = [i % num_classes for i in idx]
+    elif rule == "random":
+        y = [int(torch.randint(num_classes, (), generator=torch.Generator().manual_seed(
+            sample_seed(seed, i, LABEL_STREAM)))) for i in idx]
+    else:
+        y = [int(rule)] * len(idx)
+    return torch.tensor(y, dtype=torch.long, device=device)

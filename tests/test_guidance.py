@@ -1,0 +1,258 @@
+"""Conditioning and classifier-free guidance: exact special cases, composition with the strategies,
+labels that depend on the sample index only, and one-line refusals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg, make_tiny_unet
+
+C = 3                                                     # classes; embedding C is the null class
+SAMPLER = OmegaConf.create({"name": "dpmpp", "steps": 4, "order": 2, "lower_order_final": True,
+                            "timesteps": "linspace", "endpoint": True})
+
+
+@pytest.fixture(scope="module")
+def cond_unet():
+    return make_tiny_unet(seed=3, num_class_embeds=C + 1)
+
+
+def denoiser(unet, guidance=None, cache=None, hooks=()):
+    from fewstep.backbones.unet import UNetAdapter
+    from fewstep.denoiser import Denoiser
+    from fewstep.schedule import NoiseSchedule
+
+    adapter = UNetAdapter(unet)
+    adapter.skip_hooks.extend(h(adapter) if callable(h) and not hasattr(h, "hook") else h for h in hooks)
+    return Denoiser(adapter, NoiseSchedule.from_config("linear", 1000), cache=cache, guidance=guidance,
+                    null_label=C)
+
+
+def run(model, y, z, **kw):
+    from fewstep.samplers import sample
+
+    model.reset()
+    with torch.no_grad():
+        return sample(SAMPLER, model, z, None, model.schedule, extra_args={"class_labels": y}, **kw)
+
+
+def inputs(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.arange(n) % C
+
+
+def test_adapter_equals_unet2dmodel_with_class_labels(cond_unet):
+    """The adapter's walk, full and partial (DeepCache), is UNet2DModel.forward(x, t, class_labels)."""
+    from fewstep.backbones.unet import UNetAdapter
+
+    x, y = inputs()
+    t = torch.full((4,), 421.0)
+    a = UNetAdapter(cond_unet)
+    with torch.no_grad():
+        ref = cond_unet(x, t, class_labels=y).sample
+        assert torch.equal(a(x, t, class_labels=y), ref)
+        out, cache = a.forward_full(x, t, branch=2, class_labels=y)
+        assert torch.equal(out, ref)
+        assert torch.equal(a.forward_partial(x, t, cache, branch=2, class_labels=y), ref)
+        assert not torch.equal(a(x, t, class_labels=(y + 1) % C), ref)   # the label is used
+
+
+def test_scale_one_is_the_conditional_model_and_scale_zero_the_unconditional(cond_unet):
+    from fewstep.strategies.guidance import Guidance
+
+    z, y = inputs()
+    plain = denoiser(cond_unet)
+    cond = run(plain, y, z)
+    assert torch.equal(run(denoiser(cond_unet, Guidance(1.0)), y, z), cond)
+    g0 = denoiser(cond_unet, Guidance(0.0))
+    assert torch.equal(run(g0, y, z), run(plain, torch.full_like(y, C), z))
+    assert g0.rows == g0.calls                                   # one row per call at w = 0 and w = 1
+
+
+def test_guided_eps_is_the_cfg_combination_of_one_batched_call(cond_unet):
+    from fewstep.strategies.guidance import Guidance
+
+    x, y = inputs()
+    plain, g = denoiser(cond_unet), denoiser(cond_unet, Guidance(2.5))
+    with torch.no_grad():
+        eps_c, eps_u, eps = plain(x, 500, y), plain(x, 500, torch.full_like(y, C)), g(x, 500, y)
+    torch.testing.assert_close(eps, eps_u + 2.5 * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+    assert g.calls["full"] == 1 and g.rows["full"] == 2
+
+
+def test_interval_guides_inside_its_closed_window_only(cond_unet):
+    from fewstep.strategies.guidance import Guidance
+
+    x, y = inputs()
+    plain, g = denoiser(cond_unet), denoiser(cond_unet, Guidance(3.0, interval=(300.0, 600.0)))
+    with torch.no_grad():
+        for t, guided in ((299.0, False), (300.0, True), (450.0, True), (600.0, True), (601.0, False)):
+            g.reset()
+            eps = g(x, t, y)
+            assert g.rows["full"] == (2 if guided else 1), t
+            if not guided:
+                assert torch.equal(eps, plain(x, t, y)), t       # the conditional eps alone, one row
+    # along a trajectory: rows per sample = calls + calls inside the window
+    m = denoiser(cond_unet, Guidance(3.0, interval=(300.0, 600.0)))
+    run(m, y, torch.randn(4, 1, 16, 16))
+    ts = np.linspace(999, 0, 4)
+    assert m.calls["full"] == 4 and m.rows["full"] == 4 + int(((ts >= 300) & (ts <= 600)).sum())
+
+
+def test_rescale_matches_the_conditional_x0_std(cond_unet):
+    from fewstep.schedule import NoiseSchedule
+    from fewstep.strategies.guidance import Guidance
+
+    x, y = inputs()
+    s = NoiseSchedule.from_config("linear", 1000)
+    plain = denoiser(cond_unet)
+    with torch.no_grad():
+        eps_c, eps_u = plain(x, 700, y), plain(x, 700, torch.full_like(y, C))
+    cfg0, cfg1 = Guidance(4.0, rescale=0.0), Guidance(4.0, rescale=1.0)
+    assert torch.equal(cfg0.combine(eps_c, eps_u, x, 700, s), eps_u + 4.0 * (eps_c - eps_u))
+    x0_c, x0_r = s.x0_from_eps(x, 700, eps_c), s.x0_from_eps(x, 700, cfg1.combine(eps_c, eps_u, x, 700, s))
+    torch.testing.assert_close(x0_r.flatten(1).std(1), x0_c.flatten(1).std(1), rtol=1e-4, atol=1e-6)
+    half = Guidance(4.0, rescale=0.5).combine(eps_c, eps_u, x, 700, s)
+    torch.testing.assert_close(half, 0.5 * (cfg0.combine(eps_c, eps_u, x, 700, s) + cfg1.combine(eps_c, eps_u, x, 700, s)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_with_deepcache_equals_deepcache_on_each_row(cond_unet):
+    from fewstep.strategies.cache import DeepCache
+    from fewstep.strategies.guidance import Guidance
+
+    z, y = inputs()
+    w = 2.0
+    guided = denoiser(cond_unet, Guidance(w), cache=DeepCache(interval=2, branch=1))
+    x = run(guided, y, z)
+    assert guided.calls == {"full": 2, "partial@1": 2} and guided.rows == {"full": 4, "partial@1": 4}
+
+    # the same sampler by hand: each row's eps from its own DeepCache, combined
+    from fewstep.samplers import sample
+
+    mc, mu = (denoiser(cond_unet, cache=DeepCache(interval=2, branch=1)) for _ in range(2))
+
+    def by_rows(xt, t, class_labels):
+        e_c, e_u = mc(xt, t, class_labels), mu(xt, t, torch.full_like(class_labels, C))
+        return e_u + w * (e_c - e_u)
+
+    mc.reset(), mu.reset()
+    with torch.no_grad():
+        ref = sample(SAMPLER, by_rows, z, None, mc.schedule, extra_args={"class_labels": y})
+    torch.testing.assert_close(x, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_skip_rows_cond_leaves_the_unconditional_row_unchanged(cond_unet):
+    from fewstep.strategies.guidance import Guidance
+    from fewstep.strategies.skip import CondRowsOnly, ScaleSkips
+
+    x, y = inputs()
+    scale = [0.5] * 9
+    tuned_cond = denoiser(cond_unet, Guidance(2.0), hooks=[lambda a: CondRowsOnly(ScaleSkips(scale[:a.num_skips]), a)])
+    tuned, plain = denoiser(cond_unet, hooks=[lambda a: ScaleSkips(scale[:a.num_skips])]), denoiser(cond_unet)
+    with torch.no_grad():
+        got = tuned_cond(x, 400, y)
+        e_c, e_u = tuned(x, 400, y), plain(x, 400, torch.full_like(y, C))
+    torch.testing.assert_close(got, e_u + 2.0 * (e_c - e_u), rtol=1e-5, atol=1e-5)
+    both = denoiser(cond_unet, Guidance(2.0), hooks=[lambda a: ScaleSkips(scale[:a.num_skips])])
+    with torch.no_grad():
+        e_u_tuned = tuned(x, 400, torch.full_like(y, C))
+        torch.testing.assert_close(both(x, 400, y), e_u_tuned + 2.0 * (e_c - e_u_tuned), rtol=1e-5, atol=1e-5)
+
+
+def test_labels_depend_on_the_sample_index_only():
+    from fewstep.conditions import sample_labels
+
+    idx = np.arange(20)
+    for rule in ("balanced", "random", 2):
+        whole = sample_labels(rule, 5, idx, 10)
+        parts = torch.cat([sample_labels(rule, 5, idx[lo:lo + 7], 10) for lo in range(0, 20, 7)])
+        assert torch.equal(whole, parts), rule
+    assert sample_labels("balanced", 0, idx, 10).tolist() == [i % 10 for i in range(20)]
+    r = sample_labels("random", 5, np.arange(2000), 10)
+    assert set(r.tolist()) == set(range(10)) and not torch.equal(r, sample_labels("random", 6, np.arange(2000), 10))
+
+
+def test_evaluate_with_guidance_counts_rows_in_macs(tmp_path, cond_unet):
+    """Through the evaluate task: labels balanced over the samples, NFE = steps, MACs = 2 rows per guided call;
+    batch size changes nothing but round-off."""
+    from fewstep.tasks.evaluate import run as evaluate
+
+    unet_dir = tmp_path / "unet"
+    cond_unet.save_pretrained(unet_dir)
+    base = [f"backbone.pretrained={unet_dir}", "dataset=digits", "dataset.image_size=16", "metrics=cost",
+            "sampler.steps=3", "n_samples=6", "logger=none", "save_samples=true"]
+    one = evaluate(compose_cfg(base + ["guidance=cfg", "guidance.scale=2", "batch_size=6"]), out=tmp_path / "a")
+    two = evaluate(compose_cfg(base + ["guidance=cfg", "guidance.scale=2", "batch_size=4"]), out=tmp_path / "b")
+    cond = evaluate(compose_cfg(base + ["batch_size=6"]), out=tmp_path / "c")
+    assert one["nfe"] == cond["nfe"] == 3 and one["macs_per_sample"] == 2 * cond["macs_per_sample"]
+    assert one["guidance"] == "cfg" and one["labels"] == "balanced" and cond["guidance"] == "none"
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("a", "b"))
+    assert np.abs(a - b).max() <= 1
+
+
+BAD = [
+    (["guidance=cfg"], "needs a class-conditional network", False),
+    (["guidance=cfg", "guidance.scale=-1"], "guidance.scale must be a finite number >= 0", True),
+    (["guidance=cfg", "guidance.scale=inf"], "must be a finite number", True),
+    (["guidance=cfg", "guidance.interval=[600,300]"], "guidance.interval must be null or [t_lo, t_hi]", True),
+    (["guidance=cfg", "guidance.interval=[0,1000]"], "guidance.interval must be null or [t_lo, t_hi]", True),
+    (["labels=7"], "labels=7 is not a class of this network (0..2)", True),
+    (["labels=sorted"], "labels must be balanced, random or a class index", True),
+    (["backbone.config.num_class_embeds=1"], "needs its classes plus a null class", True),
+    (["guidance=cfg", "sampler=ddpm", "variance=analytic"], "estimates Gamma for unguided models only", True),
+    (["skip.rows=uncond"], "skip.rows must be both or cond", True),
+]
+
+
+@pytest.mark.parametrize("overrides, words, conditional", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_guidance_input_is_one_line_before_any_model(overrides, words, conditional, monkeypatch, capsys):
+    import fewstep.build
+    from fewstep.tasks import dispatch
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built before validation")
+
+    monkeypatch.setattr(fewstep.build, "build_denoiser", boom)
+    monkeypatch.setattr(fewstep.build, "build_backbone", boom)
+    net = ["backbone.pretrained=null", "backbone.config.num_class_embeds=4"] if conditional else []
+    cfg = compose_cfg([*net, *overrides, "logger=none"])
+    with pytest.raises(SystemExit) as e:
+        dispatch(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("fewstep: error:") and words in err[0], err
+
+
+def test_class_consistency_counts_hits_per_class():
+    from fewstep.metrics import ClassConsistency
+
+    m = ClassConsistency(3)
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0], [0, 5.0, 0]])
+    m.update(logits[:3], torch.tensor([0, 1, 1]))
+    m.update(logits[3:], torch.tensor([2, 2]))
+    out = m.compute()
+    assert out == {"class_accuracy": 3 / 5, "class_accuracy_0": 1.0, "class_accuracy_1": 0.5, "class_accuracy_2": 0.5}
+    with pytest.raises(ValueError, match="outside the feature classifier's 3 classes"):
+        m.update(logits[:1], torch.tensor([3]))
+
+
+def test_metrics_report_the_classifiers_agreement_with_the_requested_labels():
+    """Real test images with their true labels: class_accuracy is the shipped classifier's accuracy on them."""
+    from fewstep.data import load_dataset
+    from fewstep.metrics import Metrics
+
+    cfg = compose_cfg(["metrics.is_splits=2", "metrics.fid_bootstrap=0"])
+    x, y = load_dataset(cfg.dataset, "test", with_labels=True)
+    x, y = x[:300], y[:300]
+    m = Metrics(cfg.metrics, cfg.dataset)
+    m.update(x[:200], y[:200])
+    m.update(x[200:], y[200:])
+    out = m.compute()
+    with torch.no_grad():
+        pred = m.extractor.extract(x)[1].argmax(1)
+    assert out["class_accuracy"] == int((pred == y).sum()) / 300
+    assert out["class_accuracy"] > 0.8
+    for c in range(10):
+        assert out[f"class_accuracy_{c}"] == int((pred[y == c] == c).sum()) / int((y == c).sum())
