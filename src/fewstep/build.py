@@ -139,8 +139,7 @@ def class_embeds(cfg_backbone) -> int | None:
     classifier-free guidance), or None for an unconditional one; read from the config (backbone.config,
     or the pretrained folder's config.json) without building the network."""
     name = str(cfg_backbone.name)
-    key = {"unet": "num_class_embeds", "uvit": "num_classes"}.get(name)
-    if key is None:
+    if name not in CLASS_EMBEDS:
         return None
     if cfg_backbone.get("pretrained"):
         import json
@@ -149,7 +148,15 @@ def class_embeds(cfg_backbone) -> int | None:
         conf = json.loads(path.read_text()) if path.exists() else {}
     else:
         conf = cfg_backbone.get("config") or {}
-    n = conf.get(key)
+    return class_embeds_of(name, conf)
+
+
+CLASS_EMBEDS = {"unet": "num_class_embeds", "uvit": "num_classes"}   # backbone -> its config key
+
+
+def class_embeds_of(name: str, config) -> int | None:
+    """The class-embedding count in a network config of backbone `name` (None: unconditional)."""
+    n = (config or {}).get(CLASS_EMBEDS.get(name, ""), None)
     return int(n) if n else None
 
 

@@ -9,6 +9,12 @@ EMA of the weights (exported with save_pretrained, so `backbone.pretrained=<expo
 periodic sample grids and a fast FID on the held-out split, resumable from <run_dir>/ckpts/last.ckpt,
 multi-GPU via `trainer=`.
 
+Class-conditional networks (backbone=unet_cond, or a U-ViT with num_classes): the data module yields the
+labels, and each is replaced by the null class (the last class embedding) with probability
+task.label_dropout, so the one network learns eps(x_t, t, y) and eps(x_t, t, null), the pair that
+classifier-free guidance combines (Ho & Salimans 2022: p = 0.1-0.2). The fast FID samples balanced labels
+and also reports class_accuracy.
+
 Long training over several sittings: `task.init_from=<folder>` starts from an exported model with a fresh
 optimizer when no last.ckpt is there (its train_state.json `total_steps` carries on), `task.best_dir`
 receives the EMA model each time the fast FID improves, and `task.progress_log` gets one CSV row per fast
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ..config import check, user_errors
-from ..build import adapt, build_schedule, load_pretrained, new_network, sample_shape
+from ..build import adapt, build_schedule, class_embeds_of, load_pretrained, new_network, sample_shape
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..run_folder import output_dir
 
@@ -37,10 +43,12 @@ from ..run_folder import output_dir
 class DiffusionModule(L.LightningModule):
     def __init__(self, net_config: dict, schedule_cfg: dict, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.999),
                  warmup_steps=200, max_steps=2400, ema_decay=0.999, backbone: str = "unet",
-                 lr_schedule: str = "cosine", min_snr_gamma: float | None = None):
+                 lr_schedule: str = "cosine", min_snr_gamma: float | None = None, label_dropout: float = 0.1):
         super().__init__()
         self.save_hyperparameters()
         self.net = new_network(backbone, net_config)
+        n_embeds = class_embeds_of(backbone, net_config)
+        self.null_label = None if n_embeds is None else n_embeds - 1   # None: an unconditional network
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         sched = build_schedule(OmegaConf.create(schedule_cfg))
         self.register_buffer("alpha_bar", torch.tensor(sched.alpha_bar, dtype=torch.float32))
@@ -52,13 +60,19 @@ class DiffusionModule(L.LightningModule):
         snr = self.alpha_bar[t] / (1 - self.alpha_bar[t])
         return snr.clamp(max=float(self.hparams.min_snr_gamma)) / snr
 
+    def dropped_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """y with each label replaced by the null class with probability label_dropout."""
+        drop = torch.rand(y.shape, device=y.device) < float(self.hparams.label_dropout)
+        return torch.where(drop, torch.full_like(y, self.null_label), y)
+
     def training_step(self, batch, batch_idx):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        cond = {} if self.null_label is None else {"class_labels": self.dropped_labels(batch[1])}
         t = torch.randint(0, len(self.alpha_bar), (x0.shape[0],), device=x0.device)
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.ndim - 1)))
         eps = torch.randn_like(x0)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        per_sample = F.mse_loss(self.net(xt, t).sample, eps, reduction="none").flatten(1).mean(1)
+        per_sample = F.mse_loss(self.net(xt, t, **cond).sample, eps, reduction="none").flatten(1).mean(1)
         w = self.loss_weight(t)
         loss = per_sample.mean() if w is None else (w * per_sample).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True)
@@ -159,6 +173,7 @@ class SampleAndScore(L.Callback):
 
     @torch.no_grad()
     def _sample_and_score(self, trainer, pl_module, step):
+        from ..conditions import sample_labels
         from ..denoiser import Denoiser
         from ..images import save_grid
         from ..samplers import sample
@@ -166,17 +181,22 @@ class SampleAndScore(L.Callback):
 
         cfg = self.cfg
         ema = pl_module.ema.eval()
-        model = Denoiser(adapt(cfg.backbone.name, ema), build_schedule(cfg.backbone.schedule), "eps")
+        null = pl_module.null_label
+        model = Denoiser(adapt(cfg.backbone.name, ema), build_schedule(cfg.backbone.schedule), "eps", null_label=null)
         sampler_cfg = OmegaConf.create({"name": "dpmpp", "steps": int(cfg.task.eval_steps), "order": 2,
                                         "lower_order_final": True, "timesteps": "logsnr"})
         n = int(cfg.task.eval_samples)
         shape = sample_shape(cfg)
-        imgs = []
+        imgs, labels = [], []
         for lo in range(0, n, 250):
             idx = range(lo, min(n, lo + 250))
             noise = SampleNoise(cfg.seed, idx, shape, device=pl_module.device)
-            imgs.append(sample(sampler_cfg, model, noise(), noise, model.schedule).clamp(-1, 1).cpu())
+            cond = {} if null is None else {"class_labels": sample_labels("balanced", cfg.seed, idx, null,
+                                                                          pl_module.device)}
+            imgs.append(sample(sampler_cfg, model, noise(), noise, model.schedule, extra_args=cond).clamp(-1, 1).cpu())
+            labels.append(cond.get("class_labels"))
         imgs = torch.cat(imgs)
+        labels = None if null is None else torch.cat(labels).cpu()
         path = save_grid(imgs[:64], self.out_dir / "samples" / f"step_{step:07d}.png")
         logs = {}
         try:
@@ -185,7 +205,7 @@ class SampleAndScore(L.Callback):
             if self.metrics is None:
                 self.metrics = Metrics(cfg.metrics, cfg.dataset, pl_module.device)
             self.metrics.reset()
-            self.metrics.update(imgs)
+            self.metrics.update(imgs, labels)
             logs = {f"eval/{k}": v for k, v in self.metrics.compute().items() if isinstance(v, (int, float))}
         except Exception as e:  # the classifier of a new dataset may not exist yet: grids only
             print(f"[train] fast FID unavailable at step {step}: {type(e).__name__}: {e}")
@@ -267,6 +287,9 @@ def validate_train_cfg(t) -> None:
     if t.min_snr_gamma is not None:
         g = float(t.min_snr_gamma)
         check(math.isfinite(g) and g > 0, f"task.min_snr_gamma must be null or a finite number > 0 (got {g})")
+    p = t.label_dropout
+    check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1,
+          f"task.label_dropout must be a probability in [0, 1) (got {p!r})")
     if t.init_from:
         check((Path(t.init_from) / "config.json").exists(),
               f"task.init_from={t.init_from}: no save_pretrained folder there (config.json missing)")
@@ -287,7 +310,8 @@ def run(cfg) -> dict:
                              OmegaConf.to_container(cfg.backbone.schedule, resolve=True), lr=t.lr,
                              weight_decay=t.weight_decay, betas=list(t.betas), warmup_steps=t.warmup_steps,
                              max_steps=t.max_steps, ema_decay=t.ema_decay, backbone=name,
-                             lr_schedule=str(t.lr_schedule), min_snr_gamma=t.min_snr_gamma)
+                             lr_schedule=str(t.lr_schedule), min_snr_gamma=t.min_snr_gamma,
+                             label_dropout=float(t.label_dropout))
     ckpt_dir = out / "ckpts"
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (t.resume and last.exists()) else None
@@ -305,7 +329,8 @@ def run(cfg) -> dict:
                              f"{cfg.metrics.get('feature')} features vs the {cfg.metrics.get('ref_split')} split"}
     with user_errors("task=train: "):
         data = DiffusionDataModule(cfg.dataset, batch_size=int(t.batch_size), num_workers=int(t.num_workers),
-                                   val_fraction=0.0, seed=int(cfg.seed), hflip=bool(t.hflip))
+                                   val_fraction=0.0, seed=int(cfg.seed), hflip=bool(t.hflip),
+                                   with_labels=module.null_label is not None)
     loggers = make_loggers(cfg, out)
     progress = (ProgressLog(Path(t.progress_log), Path(t.best_dir) if t.best_dir else None, steps_before, meta)
                 if t.progress_log else None)
