@@ -167,3 +167,26 @@ def test_bad_training_options_are_refused(bad, msg):
 
     with pytest.raises(ConfigError, match=msg):
         train.run(compose_cfg([*TINY_OVERRIDES, *TRAIN, bad]))
+
+
+def test_an_unconditional_model_grows_into_a_conditional_one_that_starts_equal(tmp_path):
+    """init_from an unconditional export into backbone.config.num_class_embeds: the class embedding starts at
+    zero, so before any step the conditional network is the unconditional one for every label."""
+    from fewstep.tasks import train
+
+    cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN])
+    uncond = train.new_network("unet", OmegaConf.to_container(cfg.backbone.config, resolve=True))
+    cond_cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN, "backbone.config.num_class_embeds=11"])
+    module = train.DiffusionModule(OmegaConf.to_container(cond_cfg.backbone.config, resolve=True),
+                                   OmegaConf.to_container(cond_cfg.backbone.schedule, resolve=True))
+    assert train.init_weights(module, uncond.state_dict()) == ["class_embedding.weight"]
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        ref = uncond(x, t).sample
+        for net in (module.net, module.ema):
+            assert torch.equal(net(x, t, class_labels=torch.tensor([0, 4, 10])).sample, ref)
+    other = train.new_network("unet", OmegaConf.to_container(compose_cfg(
+        [*TINY_OVERRIDES, "backbone.config.block_out_channels=[16,16]"]).backbone.config, resolve=True))
+    for bad in (other.state_dict(), dict(uncond.state_dict(), **{"conv_in.weight": torch.zeros(1)})):
+        with pytest.raises(ValueError, match="does not fit this network"):
+            train.init_weights(module, bad)

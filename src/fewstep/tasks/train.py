@@ -281,6 +281,26 @@ def init_state(t, out: Path, resuming: bool) -> int:
     return before
 
 
+CLASS_EMBEDDING = ("class_embedding.", "label_emb.")   # UNet2DModel, U-ViT
+
+
+def init_weights(module, state: dict) -> list:
+    """Load `state` into the module's network and EMA. A class embedding the state lacks (an unconditional
+    model growing into a class-conditional one) starts at zero, so the network starts as exactly the
+    unconditional model it came from and learns what the labels add; returns those tensors' names. Any
+    other mismatch is a ValueError."""
+    own = module.net.state_dict()
+    added = [k for k in own if k not in state]
+    other = ([k for k in added if not k.startswith(CLASS_EMBEDDING)] + [k for k in state if k not in own]
+             + [k for k in state if k in own and state[k].shape != own[k].shape])
+    if other:
+        raise ValueError(f"the init model does not fit this network ({len(other)} tensors differ, e.g. {other[0]})")
+    full = dict(state, **{k: torch.zeros_like(own[k]) for k in added})
+    module.net.load_state_dict(full)
+    module.ema.load_state_dict(full)
+    return added
+
+
 def validate_train_cfg(t) -> None:
     check(str(t.lr_schedule) in ("cosine", "constant"),
           f"task.lr_schedule must be cosine or constant (got {t.lr_schedule})")
@@ -317,10 +337,10 @@ def run(cfg) -> dict:
     ckpt_path = str(last) if (t.resume and last.exists()) else None
     steps_before = init_state(t, out, resuming=ckpt_path is not None)
     if t.init_from and not ckpt_path:  # a fresh optimizer on exported weights (the EMA restarts from them too)
-        init = load_pretrained(str(t.init_from), name=name)
-        module.net.load_state_dict(init.state_dict())
-        module.ema.load_state_dict(init.state_dict())
-        print(f"[train] initialized from {t.init_from} ({steps_before} steps before this run)")
+        with user_errors("task.init_from: "):
+            added = init_weights(module, load_pretrained(str(t.init_from), name=name).state_dict())
+        print(f"[train] initialized from {t.init_from} ({steps_before} steps before this run)"
+              + (f"; {', '.join(added)} new, zero" if added else ""))
     meta = {"dataset": cfg.dataset.name, "backbone": name, "batch_size": int(t.batch_size),
             "max_steps": int(t.max_steps), "params": sum(p.numel() for p in module.net.parameters()),
             "lr": float(t.lr), "lr_schedule": str(t.lr_schedule), "min_snr_gamma": t.min_snr_gamma,
