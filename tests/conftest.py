@@ -78,3 +78,21 @@ TINY_OVERRIDES = [
     "backbone.config.down_block_types=[DownBlock2D,DownBlock2D]", "backbone.config.up_block_types=[UpBlock2D,UpBlock2D]",
     "backbone.config.attention_head_dim=8", "metrics=cost",
 ]
+
+
+@pytest.fixture
+def no_model_building(monkeypatch):
+    """Any attempt to build a network fails the test: for checks that must refuse bad input first.
+
+    Patched in fewstep.build and in every module that bound the name at import (tasks.evaluate), so
+    the order in which tests first import those modules does not matter."""
+    import fewstep.build
+    import fewstep.tasks.evaluate
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built before validation")
+
+    for mod in (fewstep.build, fewstep.tasks.evaluate):
+        for name in ("build_denoiser", "build_backbone"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, boom)
