@@ -188,6 +188,7 @@ def test_evaluate_with_guidance_counts_rows_in_macs(tmp_path, cond_unet):
     two = evaluate(compose_cfg(base + ["guidance=cfg", "guidance.scale=2", "batch_size=4"]), out=tmp_path / "b")
     cond = evaluate(compose_cfg(base + ["batch_size=6"]), out=tmp_path / "c")
     assert one["nfe"] == cond["nfe"] == 3 and one["macs_per_sample"] == 2 * cond["macs_per_sample"]
+    assert two["macs_per_sample"] == one["macs_per_sample"] and two["nfe"] == 3
     assert one["guidance"] == "cfg" and one["labels"] == "balanced" and cond["guidance"] == "none"
     a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("a", "b"))
     assert np.abs(a - b).max() <= 1
