@@ -311,3 +311,45 @@ def test_class_conditional_training_learns_and_reloads_for_guided_sampling(tmp_p
     finally:
         os.chdir(cwd)
     assert m["guidance"] == "cfg" and m["nfe"] == 3 and (out / "metrics.json").exists()
+
+
+def test_uvit_label_token_through_the_adapter_and_guidance():
+    """The U-ViT's label token: its adapter (full and partial forwards) equals UViT.forward(x, t, y), and
+    guidance at w = 1 is its conditional model."""
+    from test_uvit import make_uvit
+
+    from fewstep.backbones.uvit import UViTAdapter
+    from fewstep.denoiser import Denoiser
+    from fewstep.schedule import NoiseSchedule
+    from fewstep.strategies.guidance import Guidance
+
+    net = make_uvit(seed=2, num_classes=C + 1)
+    a = UViTAdapter(net)
+    x = torch.randn(4, 1, 8, 8)
+    y, t = torch.arange(4) % C, torch.full((4,), 333.0)
+    with torch.no_grad():
+        ref = net(x, t, class_labels=y).sample
+        assert torch.equal(a(x, t, class_labels=y), ref)
+        out, cache = a.forward_full(x, t, branch=1, class_labels=y)
+        assert torch.equal(out, ref) and torch.equal(a.forward_partial(x, t, cache, branch=1, class_labels=y), ref)
+        s = NoiseSchedule.from_config("linear", 1000)
+        plain, g1 = Denoiser(a, s, null_label=C), Denoiser(a, s, guidance=Guidance(1.0), null_label=C)
+        assert torch.equal(g1(x, 333, y), plain(x, 333, y))
+        assert not torch.equal(plain(x, 333, torch.full_like(y, C)), plain(x, 333, y))
+
+
+def test_labels_and_guided_samples_are_those_of_one_process_on_two(tmp_path, cond_unet):
+    """trainer=ddp_cpu trainer.devices=2 (gloo): every sample keeps its label and noise, so the guided
+    samples equal one process's up to float round-off."""
+    from fewstep.tasks.evaluate import run as evaluate
+
+    unet_dir = tmp_path / "unet"
+    cond_unet.save_pretrained(unet_dir)
+    base = [f"backbone.pretrained={unet_dir}", "dataset=digits", "dataset.image_size=16", "metrics=cost",
+            "sampler.steps=3", "n_samples=6", "batch_size=2", "logger=none", "save_samples=true", "guidance=cfg",
+            "guidance.scale=3", "labels=random", "device=cpu"]
+    one = evaluate(compose_cfg(base), out=tmp_path / "one")
+    two = evaluate(compose_cfg(base + ["trainer=ddp_cpu", "trainer.devices=2"]), out=tmp_path / "two")
+    assert two["world_size"] == 2 and one["macs_per_sample"] == two["macs_per_sample"]
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("one", "two"))
+    assert a.shape == (6, 1, 16, 16) and np.abs(a - b).max() <= 1
