@@ -94,7 +94,7 @@ def test_safe_io_round_trip_and_refusals(tmp_path):
 # ---------------------------------------------------------------------------- Gamma files
 
 def variance_cfg(**kw):
-    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": "auto",
+    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": 2.0,
             "data_range": [-1.0, 1.0], "dataset": "gmm", "backbone": "gmm_exact", "pretrained": None}
     return OmegaConf.create({**base, **kw})
 
@@ -125,19 +125,19 @@ def test_legacy_or_crafted_gamma_file_is_refused(model, schedule, tmp_path):
     assert find_gamma(mid, [folder], "gmm") == legacy
     with pytest.raises(UnsafeFile, match=r"gamma_.*_M64\.pt is a pickle .*can run code: re-estimate it with "
                                          r"`python run.py task=gamma dataset=gmm backbone=gmm_exact`"):
-        build_variance(variance_cfg(search_dirs=[str(folder)]), ddpm, schedule, mid)
+        build_variance(variance_cfg(search_dirs=[str(folder)]), schedule, mid)
     # named explicitly, under either suffix
     disguised = raw_pickle(folder / gamma_filename(mid, "gmm", 64), Evil(marker))
     for p in (legacy, disguised):
         with pytest.raises(UnsafeFile, match="is a pickle"):
-            build_variance(variance_cfg(gamma_path=str(p)), ddpm, schedule, mid)
+            build_variance(variance_cfg(gamma_path=str(p)), schedule, mid)
     assert not marker.exists()
     # a safetensors Gamma anywhere in the search path wins over a legacy file in an earlier folder
     disguised.unlink()
     good = tmp_path / "cache"
     st = GammaStats([0, 999], np.array([1.0, 2.0]), np.array([1.0, 4.0]), 2)
     path = save_gamma(good / gamma_filename(mid, "gmm", 2), st, model_id=mid, dataset="gmm", schedule=schedule)
-    assert build_variance(variance_cfg(search_dirs=[str(folder), str(good)]), ddpm, schedule, mid).path == str(path)
+    assert build_variance(variance_cfg(search_dirs=[str(folder), str(good)]), schedule, mid).path == str(path)
     assert not marker.exists()
 
 

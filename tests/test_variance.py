@@ -17,7 +17,7 @@ from fewstep.schedule import NoiseSchedule, select_timesteps
 from fewstep.strategies.variance import (AnalyticVariance, FixedVariance, GammaMismatch, GammaMissing, GammaStats,
                                          build_variance, check_timesteps, dp_trajectory, estimate_gamma, find_gamma, gamma_filename,
                                          least_cost_path, jump_cost, load_gamma, model_id, save_gamma, split_reliable,
-                                         trajectory_cost)
+                                         trajectory_cost, validate_variance_cfg)
 from fewstep.tasks.gamma import estimate_to_file
 
 
@@ -377,7 +377,7 @@ def test_model_id(tiny_unet, schedule):
 
 
 def variance_cfg(**kw):
-    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": "auto",
+    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": 2.0,
             "data_range": [-1.0, 1.0], "dataset": "gmm", "backbone": "gmm_exact", "pretrained": None}
     return OmegaConf.create({**base, **kw})
 
@@ -389,22 +389,21 @@ def test_gamma_files_keyed_by_model(model, mixture, schedule, tmp_path):
     path = save_gamma(tmp_path / gamma_filename(mid, "gmm", st.count), st, model_id=mid, dataset="gmm",
                       schedule=schedule)
     ddpm = OmegaConf.create({"name": "ddpm", "steps": 10})
-    rule = build_variance(variance_cfg(search_dirs=[None, str(tmp_path)]), ddpm, schedule, mid)
+    rule = build_variance(variance_cfg(search_dirs=[None, str(tmp_path)]), schedule, mid)
     assert rule.path == str(path) and rule.clip_pixel == 2.0 and rule.gamma_at(500) == pytest.approx(st.gamma[1])
-    assert build_variance(variance_cfg(gamma_path=str(path)), OmegaConf.create({"name": "ddim"}), schedule,
-                          mid).clip_pixel == 1.0
-    assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=None), ddpm, schedule, mid).clip_pixel is None
-    assert build_variance(OmegaConf.create({"name": "fixed"}), ddpm, schedule, mid) is None
+    assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=1), schedule, mid).clip_pixel == 1.0
+    assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=None), schedule, mid).clip_pixel is None
+    assert build_variance(OmegaConf.create({"name": "fixed"}), schedule, mid) is None
     with pytest.raises(GammaMismatch, match=f"holds Gamma of model {mid}.*not of this model {other}"):
-        build_variance(variance_cfg(gamma_path=str(path)), ddpm, schedule, other)
+        build_variance(variance_cfg(gamma_path=str(path)), schedule, other)
     with pytest.raises(GammaMismatch, match="another noise schedule"):
-        build_variance(variance_cfg(gamma_path=str(path)), ddpm, NoiseSchedule.from_config("cosine", 1000), mid)
+        build_variance(variance_cfg(gamma_path=str(path)), NoiseSchedule.from_config("cosine", 1000), mid)
     with pytest.raises(GammaMissing, match="`python run.py task=gamma dataset=gmm backbone=gmm_exact`"):
-        build_variance(variance_cfg(search_dirs=[str(tmp_path / "empty")]), ddpm, schedule, other)
+        build_variance(variance_cfg(search_dirs=[str(tmp_path / "empty")]), schedule, other)
     with pytest.raises(ValueError, match="clip_pixel must be"):
-        build_variance(variance_cfg(gamma_path=str(path), clip_pixel=-1), ddpm, schedule, mid)
+        build_variance(variance_cfg(gamma_path=str(path), clip_pixel=-1), schedule, mid)
     with pytest.raises(ValueError, match="unknown variance"):
-        build_variance(OmegaConf.create({"name": "learned"}), ddpm, schedule, mid)
+        build_variance(OmegaConf.create({"name": "learned"}), schedule, mid)
     # lookup prefers the dataset, then the largest M
     st2 = estimate_gamma(model, [mixture.sample(128)], schedule, [0, 999])
     save_gamma(tmp_path / gamma_filename(mid, "gmm", 128), st2, model_id=mid, dataset="gmm", schedule=schedule)
@@ -432,9 +431,9 @@ def test_gamma_task_then_analytic_sampling_and_nll(compose, tmp_path):
 
     cfg = compose(base + ["variance=analytic", f"variance.search_dirs=[{tmp_path}]", "sampler=ddpm",
                           "sampler.steps=6", "sampler.timesteps=analytic_dp", "metrics=nll", "metrics.n_data=200"])
-    assert cfg.variance.pretrained is None and cfg.variance.clip_pixel == "auto"
+    assert cfg.variance.pretrained is None and cfg.variance.clip_pixel == 2.0      # sampler=ddpm's default
     model = build_denoiser(cfg)
-    rule = build_variance(cfg.variance, cfg.sampler, model.schedule, model_id(model.backbone))
+    rule = build_variance(cfg.variance, model.schedule, model_id(model.backbone))
     assert rule.path == res["gamma_path"]
     from fewstep.build import explicit_timesteps
 
@@ -478,3 +477,15 @@ def test_evaluate_writes_each_points_bound_next_to_metrics(compose, tmp_path):
     assert set(sub["index"].tolist()) < set(runs["beta"]["index"].tolist())
     full = dict(zip(runs["beta"]["index"].tolist(), runs["beta"]["bpd"].tolist()))
     np.testing.assert_allclose(sub["bpd"], [full[i] for i in sub["index"].tolist()], rtol=1e-12)
+
+
+def test_clip_pixel_default_is_resolved_with_the_config():
+    """variance.clip_pixel follows the sampler when the config is built (2 for ddpm, 1 for ddim, none for an
+    ODE sampler, where validation refuses analytic variance anyway); the rule only ever sees a number."""
+    from conftest import compose_cfg
+
+    for sampler, cap in (("ddpm", 2.0), ("ddim", 1.0), ("dpmpp", None)):
+        assert compose_cfg(["variance=analytic", f"sampler={sampler}"]).variance.clip_pixel == cap
+    assert compose_cfg(["variance=analytic", "sampler=ddpm", "variance.clip_pixel=1.5"]).variance.clip_pixel == 1.5
+    with pytest.raises(ValueError, match="clip_pixel must be null or a number"):
+        validate_variance_cfg(OmegaConf.create({"name": "analytic", "clip_pixel": "auto"}))

@@ -14,9 +14,22 @@ def repo_path(rel: str = "") -> str:
     return str(REPO_ROOT / rel) if rel else str(REPO_ROOT)
 
 
+# Analytic-DPM's cap on the last step's sigma, per sampler, as the official FID runs set it (CIFAR-10,
+# linear schedule): 2 for DDPM, 1 for DDIM. Resolved when the config is built (conf/variance/analytic.yaml:
+# clip_pixel: ${analytic_clip_pixel:${sampler.name}}), so the variance rule gets a number and never
+# looks at the sampler.
+ANALYTIC_CLIP_PIXEL = {"ddpm": 2.0, "ddim": 1.0}
+
+
+def analytic_clip_pixel(sampler: str):
+    return ANALYTIC_CLIP_PIXEL.get(str(sampler))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("repo"):
         OmegaConf.register_new_resolver("repo", repo_path)
+    if not OmegaConf.has_resolver("analytic_clip_pixel"):
+        OmegaConf.register_new_resolver("analytic_clip_pixel", analytic_clip_pixel)
 
 
 register_resolvers()

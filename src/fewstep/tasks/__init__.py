@@ -132,7 +132,7 @@ def validate(cfg) -> None:
         check(cfg.sampler.name in VARIANCE_SAMPLERS,
               f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "
               f"sampler={cfg.sampler.name} has none to set")
-        validate_variance_cfg(cfg.variance, cfg.sampler)
+        validate_variance_cfg(cfg.variance)
     if cfg.cache.name != "none":
         from ..strategies.cache import validate_cache_cfg
 

@@ -65,7 +65,7 @@ def build_variance_rule(cfg, model):
         return None
     from ..strategies.variance import build_variance, model_id
 
-    return build_variance(cfg.variance, cfg.sampler, model.schedule, model_id(model.backbone))
+    return build_variance(cfg.variance, model.schedule, model_id(model.backbone))
 
 
 def build_metrics(cfg, device):

@@ -29,10 +29,9 @@ __all__ = [
     "check_timesteps", "estimate_gamma", "find_gamma", "gamma_command", "gamma_filename", "load_gamma", "save_gamma",
     "dp_trajectory", "jump_cost", "least_cost_path", "split_reliable", "trajectory_cost",
     "model_id", "schedule_id",
-    "CLIP_PIXEL_DEFAULT", "VARIANCES", "validate_variance_cfg", "build_variance",
+    "VARIANCES", "validate_variance_cfg", "build_variance",
 ]
 
-CLIP_PIXEL_DEFAULT = {"ddpm": 2.0, "ddim": 1.0}  # official Analytic-DPM runs (CIFAR-10, linear schedule)
 VARIANCES = ("fixed", "analytic")
 
 
@@ -41,18 +40,14 @@ def _search_dirs(cfg_variance) -> list:
     return [os.path.expanduser(str(d)) for d in dirs if d not in (None, "")]
 
 
-def _clip_pixel(value, cfg_sampler) -> Optional[float]:
+def _clip_pixel(value) -> Optional[float]:
+    """variance.clip_pixel: a number > 0 or None (its per-sampler default is resolved with the config)."""
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         return None
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"variance.clip_pixel must be auto, null or a number > 0 (got '{value}')")
-        name = cfg_sampler.get("name") if cfg_sampler is not None else None
-        return CLIP_PIXEL_DEFAULT.get(name)
-    value = float(value)
-    if not value > 0:
-        raise ValueError(f"variance.clip_pixel must be auto, null or a number > 0 (got {value})")
-    return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"variance.clip_pixel must be null or a number > 0 (got {value!r}); its default follows "
+                         f"the sampler (2 for ddpm, 1 for ddim)")
+    return float(value)
 
 
 def _data_range(value):
@@ -64,27 +59,27 @@ def _data_range(value):
     return (a, b)
 
 
-def validate_variance_cfg(cfg_variance, cfg_sampler=None) -> None:
+def validate_variance_cfg(cfg_variance) -> None:
     """Cheap checks before anything heavy is built; one-line ValueError."""
     name = cfg_variance.get("name")
     if name not in VARIANCES:
         raise ValueError(f"unknown variance '{name}' (choose from {', '.join(VARIANCES)})")
     if name == "analytic":
-        _clip_pixel(cfg_variance.get("clip_pixel", "auto"), cfg_sampler)
+        _clip_pixel(cfg_variance.get("clip_pixel", None))
         _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
 
 
-def build_variance(cfg_variance, cfg_sampler, schedule: NoiseSchedule, model_id: str):
+def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str):
     """variance=fixed -> None (the sampler's own variance); variance=analytic -> AnalyticVariance.
 
     Gamma comes from variance.gamma_path, else from the best matching gamma_<model_id>_*.safetensors in
     variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
     one-line error naming the `python run.py task=gamma ...` command that makes the right one.
     """
-    validate_variance_cfg(cfg_variance, cfg_sampler)
+    validate_variance_cfg(cfg_variance)
     if cfg_variance.get("name") == "fixed":
         return None
-    clip_pixel = _clip_pixel(cfg_variance.get("clip_pixel", "auto"), cfg_sampler)
+    clip_pixel = _clip_pixel(cfg_variance.get("clip_pixel", None))
     data_range = _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
     command = gamma_command(cfg_variance)
     path = cfg_variance.get("gamma_path", None)
