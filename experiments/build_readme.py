@@ -1,39 +1,62 @@
 """Render experiments/README.md from experiments/README.template.md.
 
 Every template line ``@@ <command>`` is replaced by what the command prints (run from the repository root,
-``python`` meaning this interpreter); every other line is copied. The commands read the sweeps under
-multirun/, so rendering needs those runs on disk. ``--check`` writes nothing: it renders the README and
-draws the figures of ``@@`` commands (their ``--out`` file) into a temporary folder, and exits non-zero
-if the README or any figure differs from the committed one.
+``python`` meaning this interpreter); every other line is copied. The commands read sweep folders: the
+committed copies of their result files under experiments/data/ (``report.py archive``), or the git-ignored
+multirun/. ``--check`` writes nothing: it renders the README and draws the figures of ``@@`` commands (their
+``--out`` file) into a temporary folder, and exits non-zero if the README or any figure differs from the
+committed one.
 
 ``--only TEXT`` re-runs only the ``@@`` commands that contain TEXT and keeps, for every other command,
 the output it has in the committed README: that output is recovered by matching the committed template
-against the committed README (both as of git HEAD), line by line. Use it to update one section when the
-other sweeps are not on disk; a command whose committed output cannot be recovered unambiguously (or is
-new) must be re-run, and the build says which.
+against the committed README (as of git HEAD; with ``--check``, the files on disk, which the check compares
+against), line by line. Use it to update one section when the other sweeps are not on disk; a command whose
+committed output cannot be recovered unambiguously (or is new) must be re-run, and the build says which.
+
+``--committed`` re-runs exactly the commands whose data is committed (every path they name lies under
+experiments/data/ and exists; a command naming no path reads none), keeps the others' output the same way,
+and lists them. ``--check --committed`` is the check CI can run (tests/test_report.py does it command by
+command): every table made from committed data still equals its data.
 
     python experiments/build_readme.py                                   # rewrite experiments/README.md
     python experiments/build_readme.py --check                           # compare only
     python experiments/build_readme.py --only deepcache_n5000_ddim100    # re-run one section's commands
+    python experiments/build_readme.py --check --committed               # compare what committed data can
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import glob
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "experiments" / "README.template.md"
 README = ROOT / "experiments" / "README.md"
 MARK = "@@ "
 OUT = re.compile(r"--out (\S+)")
+DATA = "experiments/data/"
+# a relative path named in a command (a/b, globs, Hydra job names with = and ,), not part of a longer path
+PATH = re.compile(r"(?<![\w./-])[\w.*,=+-]+(?:/[\w.*,=+-]+)+")
+
+
+def inputs(command: str) -> list[str]:
+    """The relative paths a command names other than scripts (*.py) and the figures it draws (--out)."""
+    drawn = set(OUT.findall(command))
+    return [p for p in dict.fromkeys(PATH.findall(command)) if p not in drawn and not p.endswith(".py")]
+
+
+def missing_data(command: str) -> list[str]:
+    """The paths a command reads that are not committed data: outside experiments/data/, or matching
+    nothing there. [] means its output can be recomputed from the repository alone."""
+    return [p for p in inputs(command) if not p.startswith(DATA) or not glob.glob(str(ROOT / p))]
 
 
 def run(command: str) -> str:
@@ -107,11 +130,12 @@ def committed_outputs(template: str, readme: str) -> Committed:
     return Committed(outputs, kept)
 
 
-def render(template: str, figures: Path | None = None, only: str | None = None,
+def render(template: str, figures: Path | None = None, only: Union[str, Callable[[str], bool], None] = None,
            committed: Committed | None = None) -> tuple[str, dict[str, Path]]:
     """The README text, and {figure named by --out: where it was drawn}; figures=None draws them in place.
 
-    With ``only``, commands that do not contain it are not run: their text comes from ``committed``.
+    With ``only`` (a text, or a test of the command), commands that do not contain it (fail the test) are
+    not run: their text comes from ``committed``.
     """
     drawn: dict[str, Path] = {}
 
@@ -120,7 +144,8 @@ def render(template: str, figures: Path | None = None, only: str | None = None,
         return f"--out {shlex.quote(str(drawn[m.group(1)]))}"
 
     def rerun(line: str) -> bool:
-        return line.startswith(MARK) and (only is None or only in line[len(MARK):])
+        command = line[len(MARK):]
+        return line.startswith(MARK) and (only is None or (only(command) if callable(only) else only in command))
 
     lines, out, i = template.splitlines(), [], 0
     while i < len(lines):
@@ -178,18 +203,33 @@ def check(text: str, drawn: dict[str, Path]) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="compare with the committed README, do not write")
-    p.add_argument("--only", metavar="TEXT", help="re-run only the @@ commands containing TEXT; keep the "
-                   "committed output of the others")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only", metavar="TEXT", help="re-run only the @@ commands containing TEXT; keep the "
+                       "committed output of the others")
+    which.add_argument("--committed", action="store_true", help="re-run only the @@ commands whose data is "
+                       "committed (under experiments/data/); keep the committed output of the others")
     args = p.parse_args(argv)
-    committed = None
-    if args.only is not None:
-        if not args.only.strip():
-            raise SystemExit("build_readme: --only needs a non-empty TEXT (a part of the commands to re-run)")
-        committed = committed_outputs(*(git_show(f) for f in (TEMPLATE, README)))
+    committed, only = None, args.only
+    if args.only is not None and not args.only.strip():
+        raise SystemExit("build_readme: --only needs a non-empty TEXT (a part of the commands to re-run)")
+    if args.committed:
+        only = lambda command: not missing_data(command)  # noqa: E731
+    if only is not None:
+        # --check compares with the files on disk, so it recovers the kept outputs from them too
+        committed = committed_outputs(*(f.read_text() if args.check else git_show(f) for f in (TEMPLATE, README)))
+    if args.committed:
+        commands = {line[len(MARK):]: n for n, line in reversed(list(enumerate(TEMPLATE.read_text().splitlines(), 1)))
+                    if line.startswith(MARK)}            # command -> its first template line
+        kept = {c: missing_data(c) for c in commands if missing_data(c)}
+        print(f"re-running the {len(commands) - len(kept)} commands whose data is committed; keeping the "
+              f"committed output of {len(kept)} whose data is not:")
+        for c, missing in sorted(kept.items(), key=lambda kv: commands[kv[0]]):
+            more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+            print(f"  template line {commands[c]}: {missing[0]}{more} not committed")
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            return check(*render(TEMPLATE.read_text(), Path(tmp), args.only, committed))
-    text, _ = render(TEMPLATE.read_text(), None, args.only, committed)
+            return check(*render(TEMPLATE.read_text(), Path(tmp), only, committed))
+    text, _ = render(TEMPLATE.read_text(), None, only, committed)
     from fewstep.fileio import write_text_atomic
 
     write_text_atomic(README, text)

@@ -8,8 +8,14 @@
     python experiments/report.py plot    multirun/rho_sweep_* --x rho_bottom --y fid --hue sampler nfe --out experiments/figures/rho_sweep.png
     python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
+    python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
 
-Every number in experiments/README.md is what one of these commands printed.
+Every number in experiments/README.md is what one of these commands printed. `archive` copies a sweep's
+(or one run's) small result files into a folder to commit under experiments/data/: each job's metrics.json
+and .hydra/config.yaml / overrides.yaml and the summary.csv, job folder names kept; samples, features,
+per-image bounds, images and W&B files stay behind. The other commands read such a folder exactly as the
+sweep folder it came from (fid_diff and the paired part of nll need the features / per-image files, so
+they do not run on an archive).
 """
 from __future__ import annotations
 
@@ -272,6 +278,49 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
         print(f"| {f.parent.name} | {float(runs[i]['fid']):.2f} | {fid_se(i):.2f} | {d:+.2f} | {dse:.2f} |")
 
 
+ARCHIVED = ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")   # per job (a folder with metrics.json)
+ARCHIVE_MAX_BYTES = 256 * 1024    # per file: the result files are KBs; anything larger is not one of them
+
+
+def archive(src, dest) -> list[Path]:
+    """Copy the small result files of the sweep or run folder src into dest (replaced as a whole): each job's
+    ARCHIVED files and every summary.csv, at their paths relative to src. Returns the files written."""
+    import shutil
+
+    from fewstep.fileio import atomic_dir
+
+    src, dest = Path(src), Path(dest)
+    if not src.is_dir():
+        raise SystemExit(f"archive: no folder {src}")
+    if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
+        raise SystemExit(f"archive: {dest} lies inside {src}")
+    jobs = sorted(f.parent for f in src.rglob("metrics.json") if "wandb" not in f.relative_to(src).parts)
+    files = [f for j in jobs for f in (j / a for a in ARCHIVED) if f.is_file()]
+    files += sorted(f for f in src.rglob("summary.csv") if "wandb" not in f.relative_to(src).parts)
+    if not jobs:
+        raise SystemExit(f"archive: no metrics.json in {src} or below")
+    big = [f"{f} ({f.stat().st_size // 1024} KB)" for f in files if f.stat().st_size > ARCHIVE_MAX_BYTES]
+    if big:
+        raise SystemExit(f"archive: larger than {ARCHIVE_MAX_BYTES // 1024} KB, not a small result file: {', '.join(big)}")
+    if dest.exists():   # replaced whole (a re-run sweep leaves no stale job behind), but only an earlier archive
+        other = [p for p in dest.rglob("*") if p.is_file() and p.name not in {Path(a).name for a in ARCHIVED} | {"summary.csv"}]
+        if other:
+            raise SystemExit(f"archive: {dest} holds files an archive does not ({other[0]}); not replacing it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(dest) as tmp:
+        for f in files:
+            (tmp / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, tmp / f.relative_to(src))
+    size = sum(f.stat().st_size for f in files)
+    print(f"archived {len(jobs)} jobs of {src} to {dest}: {len(files)} files, {size / 1024:.1f} KB "
+          f"({size / 1024 / len(jobs):.1f} KB per job)")
+    root = str(Path(__file__).resolve().parents[1])
+    local = [str(f.relative_to(src)) for f in files if root in f.read_text(errors="replace")]
+    if local:
+        print(f"note: {len(local)} of them name this machine's folder {root} (e.g. {local[0]})")
+    return [dest / f.relative_to(src) for f in files]
+
+
 def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
     """One line of y against x per value of the hue columns, written to out (png)."""
     import matplotlib
@@ -306,7 +355,7 @@ def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -326,6 +375,11 @@ def main():
         return nll_table(a.dirs)
     if a.mode == "fid_diff":
         return fid_diff(a.dirs, pairs=a.pairs)
+    if a.mode == "archive":
+        if len(a.dirs) != 2:
+            raise SystemExit("archive takes a sweep (or run) folder and the folder to copy its result files to")
+        archive(*a.dirs)
+        return
     df = load(a.dirs)
     for cond in a.where:
         key, _, value = cond.partition("=")

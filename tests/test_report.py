@@ -323,3 +323,137 @@ def test_fid_diff_pairs_each_run_with_its_own_base(report, tmp_path, capsys):
         run(report, capsys, "fid_diff", "--pairs", str(tmp_path / "a0"))
     with pytest.raises(SystemExit, match="one run folder"):
         run(report, capsys, "fid_diff", "--pairs", str(tmp_path), str(tmp_path / "a0"))
+
+
+def fake_sweep(root: Path) -> Path:
+    """A sweep folder as run.py -m leaves it: result files, and the big or local files an archive leaves out."""
+    import json
+
+    sweep = root / "multirun" / "s"
+    rows = []
+    for i, (sampler, steps, err) in enumerate([("ddim", 5, 0.17), ("dpmpp", 5, 0.005)]):
+        job = sweep / f"{i}_sampler={sampler},sampler.steps={steps}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / "metrics.json").write_text(json.dumps(dict(sampler=sampler, steps=steps, nfe=steps, cov_err=err)))
+        (job / ".hydra" / "config.yaml").write_text(f"sampler:\n  name: {sampler}\n  steps: {steps}\n")
+        (job / ".hydra" / "overrides.yaml").write_text(f"- sampler={sampler}\n- sampler.steps={steps}\n")
+        (job / ".hydra" / "hydra.yaml").write_text("hydra:\n  run:\n    dir: /somewhere/local\n")
+        for big in ("samples.npz", "features.npz", "nll_bpd.npz", "samples.png"):
+            (job / big).write_bytes(b"\0" * 1000)
+        (job / "wandb" / "run-1" / "files").mkdir(parents=True)
+        (job / "wandb" / "run-1" / "files" / "metrics.json").write_text("{}")
+        rows.append(dict(job=job.name, overrides=f"sampler={sampler} sampler.steps={steps}", sampler=sampler,
+                         steps=steps, nfe=steps, cov_err=err))
+    pd.DataFrame(rows).to_csv(sweep / "summary.csv", index=False)
+    (sweep / "summary.md").write_text("| job |\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep
+
+
+def test_archive_copies_only_the_small_result_files(report, tmp_path, capsys):
+    sweep = fake_sweep(tmp_path)
+    dest = tmp_path / "experiments" / "data" / "s"
+    written = report.archive(sweep, dest)
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == sorted(written_rel := [str(p.relative_to(dest)) for p in written])
+    assert files == sorted(["summary.csv"] + [f"{j}/{f}" for j in ("0_sampler=ddim,sampler.steps=5",
+                                                                      "1_sampler=dpmpp,sampler.steps=5")
+                                              for f in ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")])
+    assert len(written_rel) == 7 and "archived 2 jobs" in capsys.readouterr().out
+    # the tables read the archive exactly as the sweep folder
+    for argv in (["table", "--rows", "sampler", "--cols", "nfe", "--value", "cov_err"],
+                 ["list", "--keys", "sweep", "job", "sampler", "steps", "cov_err"]):
+        assert run(report, capsys, argv[0], str(dest), *argv[1:]) == run(report, capsys, argv[0], str(sweep), *argv[1:])
+    # re-archived after a re-run: replaced whole, no stale job left behind
+    import shutil
+
+    shutil.rmtree(sweep / "1_sampler=dpmpp,sampler.steps=5")
+    report.archive(sweep, dest)
+    assert not (dest / "1_sampler=dpmpp,sampler.steps=5").exists() and (dest / "summary.csv").exists()
+    # a folder that is not an earlier archive is never replaced; a large file is not a result file
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files an archive does not"):
+        report.archive(sweep, tmp_path / "other")
+    (sweep / "0_sampler=ddim,sampler.steps=5" / "metrics.json").write_text("{}" + " " * report.ARCHIVE_MAX_BYTES)
+    with pytest.raises(SystemExit, match="not a small result file"):
+        report.archive(sweep, dest)
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        report.archive(tmp_path / "other", tmp_path / "x")
+
+
+def test_committed_data_holds_only_small_result_files(report):
+    # experiments/data/ is for what `report.py archive` copies: no samples, features, images or logs
+    allowed = {Path(a).name for a in report.ARCHIVED} | {"summary.csv"}
+    files = [p for p in (ROOT / "experiments" / "data").rglob("*") if p.is_file()]
+    assert files, "experiments/data/ holds no archived sweep"
+    for p in files:
+        assert p.name in allowed, f"not a result file an archive holds: {p.relative_to(ROOT)}"
+        assert p.stat().st_size <= report.ARCHIVE_MAX_BYTES, f"too large for a result file: {p.relative_to(ROOT)}"
+
+
+def test_build_readme_finds_the_paths_a_command_reads(build_readme):
+    inputs = build_readme.inputs
+    assert inputs("python experiments/report.py list multirun/a multirun/rho_sde* --keys fid") == \
+        ["multirun/a", "multirun/rho_sde*"]
+    assert inputs('python experiments/report.py list "multirun/s/10_logger=none,sampler=dpmpp,skip.rho_bottom=1.0" '
+                  '--sort rho_top') == ["multirun/s/10_logger=none,sampler=dpmpp,skip.rho_bottom=1.0"]
+    assert inputs("python experiments/report.py plot experiments/data/s --x a --out experiments/figures/f.png "
+                  "> /dev/null") == ["experiments/data/s"]
+    assert inputs("python -c \"import json; m = json.load(open('train_runs/t/metrics.json')); print(m['a'] / 2)\"") \
+        == ["train_runs/t/metrics.json"]
+    assert inputs("python -c \"from fewstep.strategies.cache import nonuniform_full_steps as nu; print(nu(20, 2))\"") == []
+    assert build_readme.missing_data("python experiments/report.py table experiments/data/no_such_sweep") == \
+        ["experiments/data/no_such_sweep"]
+
+
+def test_build_readme_check_committed_reruns_what_committed_data_can(build_readme, tmp_path, monkeypatch, capsys):
+    template = "\n".join(["# t", "@@ python -c \"print(open('experiments/data/s/v.txt').read().strip())\"", "mid",
+                          "@@ python -c \"print(open('multirun/gone/v.txt').read())\"", "end"]) + "\n"
+    (tmp_path / "experiments" / "data" / "s").mkdir(parents=True)
+    (tmp_path / "experiments" / "data" / "s" / "v.txt").write_text("| 1.23 |\n")
+    for name, text in (("ROOT", tmp_path), ("TEMPLATE", tmp_path / "template.md"), ("README", tmp_path / "README.md")):
+        monkeypatch.setattr(build_readme, name, text)
+    (tmp_path / "template.md").write_text(template)
+    readme = "# t\n| 1.23 |\nmid\nwhat the lost sweep printed\nend\n"
+    (tmp_path / "README.md").write_text(readme)
+    assert build_readme.main(["--check", "--committed"]) == 0
+    out = capsys.readouterr().out
+    assert "re-running the 1 commands whose data is committed; keeping the committed output of 1" in out
+    assert "template line 4: multirun/gone/v.txt not committed" in out and "up to date" in out
+    (tmp_path / "README.md").write_text(readme.replace("1.23", "1.24"))    # a table drifts from its data
+    assert build_readme.main(["--check", "--committed"]) == 1
+    assert "-| 1.24 |\n+| 1.23 |" in capsys.readouterr().out
+    (tmp_path / "README.md").write_text(readme.replace("lost sweep", "lost sweeps"))   # kept as it stands
+    assert build_readme.main(["--check", "--committed"]) == 0
+
+
+TEMPLATE_COMMANDS = {}                          # command -> its first line in the template
+for _n, _line in enumerate((ROOT / "experiments" / "README.template.md").read_text().splitlines(), 1):
+    if _line.startswith("@@ "):
+        TEMPLATE_COMMANDS.setdefault(_line[3:], _n)
+
+
+@pytest.fixture(scope="module")
+def readme_outputs(build_readme):
+    """Each template command's output as it stands in the committed experiments/README.md."""
+    return build_readme.committed_outputs(build_readme.TEMPLATE.read_text(), build_readme.README.read_text()).outputs
+
+
+@pytest.mark.parametrize("command", list(TEMPLATE_COMMANDS), ids=[f"template_line_{n}" for n in TEMPLATE_COMMANDS.values()])
+def test_readme_table_matches_its_committed_data(build_readme, readme_outputs, command, tmp_path):
+    # CI's check of experiments/README.md: a command whose data is committed (experiments/data/) is re-run and
+    # must print what the README shows at its place; one whose data is not is skipped, saying which data
+    missing = build_readme.missing_data(command)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        pytest.skip(f"template line {TEMPLATE_COMMANDS[command]}: data not committed: {missing[0]}{more}")
+    committed = readme_outputs[command]
+    assert committed is not None, f"the README's text for this command is ambiguous (see committed_outputs): {command}"
+    text, _ = build_readme.render(build_readme.MARK + command + "\n", tmp_path)   # figures drawn aside
+    assert text == committed + "\n", f"experiments/README.md differs from what its committed data gives: {command}"
+
+
+def test_some_readme_tables_are_checked_against_committed_data(build_readme):
+    checked = [c for c in TEMPLATE_COMMANDS if not build_readme.missing_data(c)]
+    assert any("experiments/data/gmm_steps" in c for c in checked), "no README table is made from committed data"
