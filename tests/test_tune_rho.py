@@ -141,3 +141,26 @@ def test_shipped_rho_file_loads_on_the_shipped_model():
     assert hook.scales == data["rho"] and all(0 < r < data["rho_max"] for r in hook.scales)
     assert data["sampler"] == {"name": "dpmpp", "steps": 10, "order": 2, "lower_order_final": True,
                                "timesteps": "linspace", "endpoint": True}
+
+
+@pytest.mark.parametrize("sampler", [{"name": "dpmpp", "steps": 5}, {"name": "heun", "steps": 4},
+                                     {"name": "ddim", "steps": 6, "timesteps": "logsnr"}])
+def test_probe_timesteps_are_the_ones_the_network_is_called_at(sampler, model, schedule):
+    """The per-step rho table is keyed by the sampler's timesteps: the probe (a stand-in model, no network
+    call) finds exactly the distinct timesteps a real run calls the network at."""
+    from omegaconf import OmegaConf
+
+    from fewstep.samplers import sample
+    from fewstep.tasks.tune_rho import probe_timesteps
+
+    cfg = OmegaConf.create(sampler)
+    called = []
+
+    def spy(x, t, **extra):
+        called.append(float(t))
+        return model(x, t)
+
+    sample(cfg, spy, torch.randn(3, 2, dtype=torch.float64), None, schedule)
+    model.reset()
+    probed = probe_timesteps(cfg, model, (2,), "cpu")
+    assert probed == sorted(set(called), reverse=True) and model.nfe == 0
