@@ -203,7 +203,6 @@ BAD = [
     (["labels=7"], "labels=7 is not a class of this network (0..2)", True),
     (["labels=sorted"], "labels must be balanced, random or a class index", True),
     (["backbone.config.num_class_embeds=1"], "needs its classes plus a null class", True),
-    (["guidance=cfg", "sampler=ddpm", "variance=analytic"], "estimates Gamma for unguided models only", True),
     (["skip.rows=uncond"], "skip.rows must be both or cond", True),
 ]
 
@@ -353,3 +352,40 @@ def test_labels_and_guided_samples_are_those_of_one_process_on_two(tmp_path, con
     assert two["world_size"] == 2 and one["macs_per_sample"] == two["macs_per_sample"]
     a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("one", "two"))
     assert a.shape == (6, 1, 16, 16) and np.abs(a - b).max() <= 1
+
+
+def test_gamma_for_a_guided_model_is_its_own_file_and_refused_for_other_settings(tmp_path, cond_unet):
+    """task=gamma with guidance estimates Gamma of the guided eps (the data's labels as conditions), in a file
+    tagged with the guidance settings; variance=analytic takes only the file of its own settings. At w = 1 the
+    guided eps is the conditional model's, so its Gamma equals the unguided estimate exactly."""
+    from fewstep.config import ConfigError
+    from fewstep.strategies.variance import GammaMissing, load_gamma
+    from fewstep.tasks import gamma as gamma_task
+    from fewstep.tasks.evaluate import run as evaluate
+
+    unet_dir = tmp_path / "unet"
+    make_tiny_unet(seed=4, num_class_embeds=11).save_pretrained(unet_dir)    # digits' 10 classes + null
+    base = [f"backbone.pretrained={unet_dir}", "dataset=digits", "dataset.image_size=16", "logger=none",
+            "device=cpu"]
+    task = ["task=gamma", "task.M=12", "task.batch_size=6", "task.timesteps=[10,500,990]", f"task.out_dir={tmp_path / 'g'}"]
+    plain = gamma_task.run(compose_cfg(base + task))
+    w1 = gamma_task.run(compose_cfg(base + task + ["guidance=cfg", "guidance.scale=1"]))
+    w3 = gamma_task.run(compose_cfg(base + task + ["guidance=cfg", "guidance.scale=3", "guidance.interval=[0,600]"]))
+    assert len({plain["gamma_path"], w1["gamma_path"], w3["gamma_path"]}) == 3 and "_g" in w3["gamma_path"]
+    g_plain, g1, g3 = (load_gamma(r["gamma_path"]) for r in (plain, w1, w3))
+    assert torch.equal(g1["gamma"], g_plain["gamma"]) and not torch.equal(g3["gamma"], g_plain["gamma"])
+    assert g3["guidance"] == {"scale": 3.0, "interval": [0.0, 600.0], "rescale": 0.0} and g_plain["guidance"] is None
+    # at t = 990 (outside the interval) the w = 3 model is the conditional one: the same Gamma there
+    assert g3["gamma"][2] == g_plain["gamma"][2] and g3["gamma"][0] != g_plain["gamma"][0]
+
+    sample = base + ["sampler=ddpm", "sampler.steps=3", "n_samples=4", "metrics=cost", "variance=analytic",
+                     f"variance.search_dirs=[{tmp_path / 'g'}]"]
+    m = evaluate(compose_cfg(sample + ["guidance=cfg", "guidance.scale=3", "guidance.interval=[0,600]"]),
+                 out=tmp_path / "a")
+    assert m["gamma"] == w3["gamma_path"]
+    assert evaluate(compose_cfg(sample), out=tmp_path / "b")["gamma"] == plain["gamma_path"]
+    with pytest.raises(GammaMissing, match="with guidance {'scale': 2.0"):
+        evaluate(compose_cfg(sample + ["guidance=cfg", "guidance.scale=2"]), out=tmp_path / "c")
+    cond_unet.save_pretrained(tmp_path / "three")                               # 3 classes: digits has 10
+    with pytest.raises(ConfigError, match="has classes 0..9, the network's class embedding only 0..2"):
+        gamma_task.run(compose_cfg([f"backbone.pretrained={tmp_path / 'three'}", *base[1:], *task]))

@@ -94,6 +94,15 @@ def build_guidance(cfg) -> Optional[Guidance]:
                     rescale=float(cfg.get("rescale", 0.0)))
 
 
+def guidance_key(cfg) -> Optional[dict]:
+    """What a guided eps depends on, for the files made with it (a Gamma estimate): None without guidance,
+    else {scale, interval, rescale} as plain floats."""
+    g = build_guidance(cfg) if cfg is not None else None
+    if g is None:
+        return None
+    return {"scale": g.scale, "interval": None if g.interval is None else list(g.interval), "rescale": g.rescale}
+
+
 def require_conditional(num_classes: Optional[int], what: str) -> None:
     if num_classes is None:
         raise ConfigError(f"{what} needs a class-conditional network (backbone.config.num_class_embeds = classes "

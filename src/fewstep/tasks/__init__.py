@@ -125,9 +125,6 @@ def validate(cfg) -> None:
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
 
-        check((cfg.get("guidance") or {}).get("name", "none") == "none",
-              f"variance={cfg.variance.name} with guidance: the guided eps is another model, and task=gamma "
-              f"estimates Gamma for unguided models only")
 
         check(cfg.sampler.name in VARIANCE_SAMPLERS,
               f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "

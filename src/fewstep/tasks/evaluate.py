@@ -65,7 +65,9 @@ def build_variance_rule(cfg, model):
         return None
     from ..strategies.variance import build_variance, model_id
 
-    return build_variance(cfg.variance, model.schedule, model_id(model.backbone))
+    from ..strategies.guidance import guidance_key
+
+    return build_variance(cfg.variance, model.schedule, model_id(model.backbone), guidance_key(cfg.get("guidance")))
 
 
 def build_metrics(cfg, device):

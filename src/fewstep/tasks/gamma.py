@@ -106,12 +106,15 @@ def partial_path(path, rank: int = 0, world: int = 1) -> Path:
 
 def estimate_shard(model, data: torch.Tensor, schedule, path, *, mid: str, dataset: str, timesteps=None,
                    batch_size: int = 256, seed: int = 0, rank: int = 0, world: int = 1, save_every: int = 1,
-                   max_batches: Optional[int] = None, progress: bool = True, device=None) -> Optional[GammaStats]:
+                   max_batches: Optional[int] = None, progress: bool = True, device=None,
+                   labels: Optional[torch.Tensor] = None, guidance: Optional[dict] = None) -> Optional[GammaStats]:
     """This rank's part of the estimate over `data` (all M points, same order on every rank): the sums over
     the points of its batches `rank_batches(M, batch_size, rank, world)`, each with the noise it gets in one
     process. Partial results go to `<path>.partial<rank>of<world>` every `save_every` batches and are picked
     up by the next call. `max_batches` stops after that many batches of this call and returns None (an
     interruption, for tests). No collectives: the ranks' GammaStats add up to the single-process ones.
+    labels: each point's class (a class-conditional model is called with them); guidance: the settings of a
+    guided model (strategies.guidance.guidance_key), part of the key of the partial files.
     """
     path = Path(path)
     M = len(data)
@@ -119,9 +122,11 @@ def estimate_shard(model, data: torch.Tensor, schedule, path, *, mid: str, datas
     bs = int(batch_size)
     batches = rank_batches(M, bs, rank, world)
     block = data[batches.start * bs: min(batches.stop * bs, M)]
+    block_y = None if labels is None else labels[batches.start * bs: min(batches.stop * bs, M)]
     partial = partial_path(path, rank, world)
     key = {"model_id": mid, "dataset": dataset, "M": M, "world": world, "seed": int(seed),
-           "schedule_id": schedule_id(schedule), "timesteps": ts.tolist(), "batch_size": bs}
+           "schedule_id": schedule_id(schedule), "timesteps": ts.tolist(), "batch_size": bs, "guidance": guidance,
+           "labels": labels is not None}
     generator = torch.Generator().manual_seed(_noise_seed(seed))
     stats = None
     if partial.exists():
@@ -153,7 +158,9 @@ def estimate_shard(model, data: torch.Tensor, schedule, path, *, mid: str, datas
     stopped = max_batches is not None and max_batches < len(starts)
     starts = starts[:max_batches] if max_batches is not None else starts
     dev = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-    xs = (todo[i: i + bs].to(dev) for i in starts)
+    todo_y = None if block_y is None else block_y[done:]
+    xs = (todo[i: i + bs].to(dev) if todo_y is None else (todo[i: i + bs].to(dev), {"class_labels": todo_y[i: i + bs].to(dev)})
+          for i in starts)
     counter = {"n": 0}
 
     def checkpoint(s: GammaStats):
@@ -171,7 +178,8 @@ def estimate_shard(model, data: torch.Tensor, schedule, path, *, mid: str, datas
 def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dataset: str, timesteps=None,
                      batch_size: int = 256, seed: int = 0, rank: int = 0, world: int = 1, save_every: int = 1,
                      max_batches: Optional[int] = None, progress: bool = True, pretrained=None, device=None,
-                     extra: Optional[dict] = None) -> Optional[dict]:
+                     extra: Optional[dict] = None, labels: Optional[torch.Tensor] = None,
+                     guidance: Optional[dict] = None) -> Optional[dict]:
     """Estimate Gamma over `data` (all M points, same order on every rank) and write the Gamma file at `path`.
 
     Every rank runs `estimate_shard` (resumable, see there); the ranks' sums are gathered and added in rank
@@ -182,7 +190,8 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
     path = Path(path)
     stats = estimate_shard(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=timesteps,
                            batch_size=batch_size, seed=seed, rank=rank, world=world, save_every=save_every,
-                           max_batches=max_batches, progress=progress, device=device)
+                           max_batches=max_batches, progress=progress, device=device, labels=labels,
+                           guidance=guidance)
     if stats is None:
         return None
     M = len(data)
@@ -197,7 +206,7 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
     if dist.is_global_zero:
         try:
             save_gamma(path, total, model_id=mid, dataset=dataset, schedule=schedule, pretrained=pretrained,
-                       world_size=world, seed=int(seed), **(extra or {}))
+                       world_size=world, seed=int(seed), guidance=guidance, **(extra or {}))
         except BaseException as e:            # the other ranks must not wait for it, nor drop their partials
             error = e
     written = all_gather(error is None, dist)[0]
@@ -206,7 +215,7 @@ def estimate_to_file(model, data: torch.Tensor, schedule, path, *, mid: str, dat
     if not written:
         return None
     partial_path(path, rank, world).unlink(missing_ok=True)
-    return load_gamma(path, mid, schedule) if dist.is_global_zero else None
+    return load_gamma(path, mid, schedule, guidance=guidance) if dist.is_global_zero else None
 
 
 def summary(g: dict) -> dict:
@@ -249,37 +258,46 @@ def _settings(cfg) -> dict:
     return s
 
 
-def _points(cfg, s: dict) -> torch.Tensor:
-    """The M data points of the estimate: a random subset (seeded from `seed`) of the split, in that order."""
+def _points(cfg, s: dict, with_labels: bool = False):
+    """The M data points of the estimate: a random subset (seeded from `seed`) of the split, in that order;
+    with_labels (a class-conditional model): (points, their labels)."""
     from ..data import load_dataset
 
-    data = load_dataset(cfg.dataset, s["split"])
-    data = data[0] if isinstance(data, (tuple, list)) else data
+    data = load_dataset(cfg.dataset, s["split"], with_labels=with_labels)
+    x, y = data if with_labels else (data[0] if isinstance(data, (tuple, list)) else data, None)
     M = s["M"]
-    if M > len(data):
-        raise ConfigError(f"task.M={M} exceeds the {len(data)} points of {s['dataset']} ({s['split']}); "
-                          f"use task.M <= {len(data)}")
-    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(s["seed"]))[:M]]
+    if M > len(x):
+        raise ConfigError(f"task.M={M} exceeds the {len(x)} points of {s['dataset']} ({s['split']}); "
+                          f"use task.M <= {len(x)}")
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(s["seed"]))[:M]
+    return (x[pick], y[pick]) if with_labels else x[pick]
 
 
 def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
     """task=gamma on one rank: this rank's batches, the sums combined, rank 0 writes the file. Returns the
     summary on global rank 0, None on the other ranks. With dist = SINGLE it is the plain single process."""
-    from ..build import build_denoiser, resolve_device
+    from ..build import build_denoiser, class_embeds, resolve_device
+
+    from ..strategies.guidance import guidance_key
 
     tc = cfg.task
     s = _settings(cfg)
     schedule, M, dataset, lead = s["schedule"], s["M"], s["dataset"], dist.is_global_zero
-    data = _points(cfg, s)
+    n_embeds = class_embeds(cfg.backbone)                     # read from the config: data before any model
+    data, labels = _points(cfg, s, with_labels=True) if n_embeds else (_points(cfg, s), None)
+    if labels is not None and int(labels.max()) >= n_embeds - 1:
+        raise ConfigError(f"dataset={dataset} has classes 0..{int(labels.max())}, the network's class embedding "
+                          f"only 0..{n_embeds - 2} (and the null class {n_embeds - 1})")
     device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.get("device", "auto"))
     model = build_denoiser(cfg, device)
     model.eval()
     model.cache = None  # Gamma is a property of the network: no cached partial forwards across timesteps
+    guidance = guidance_key(cfg.get("guidance"))
     mid = model_id(model.backbone)
     out = Path(os.path.expanduser(str(tc.get("out_dir") or default_out_dir(cfg))))
-    path = out / gamma_filename(mid, dataset, M)
+    path = out / gamma_filename(mid, dataset, M, guidance)
     if path.exists() and not tc.get("overwrite", False):
-        g = load_gamma(path, mid, schedule)
+        g = load_gamma(path, mid, schedule, guidance=guidance)
         if not lead:
             return None
         print(f"[fewstep] gamma: {path} exists (task.overwrite=true to re-estimate)")
@@ -294,7 +312,7 @@ def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
     pre = cfg.backbone.get("pretrained", None)
     g = estimate_to_file(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=s["ts"], batch_size=s["bs"],
                          seed=s["seed"], rank=dist.rank, world=dist.world, save_every=s["save_every"], progress=True,
-                         pretrained=pre, device=device,
+                         pretrained=pre, device=device, labels=labels, guidance=guidance,
                          extra={"split": s["split"], "backbone": cfg.backbone.name,
                                 "skip": str(cfg.get("skip", {}).get("name")), "skip_active": _strategies_active(cfg)})
     if not lead:

@@ -69,12 +69,14 @@ def validate_variance_cfg(cfg_variance) -> None:
         _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
 
 
-def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str):
+def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None):
     """variance=fixed -> None (the sampler's own variance); variance=analytic -> AnalyticVariance.
 
     Gamma comes from variance.gamma_path, else from the best matching gamma_<model_id>_*.safetensors in
     variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
-    one-line error naming the `python run.py task=gamma ...` command that makes the right one.
+    one-line error naming the `python run.py task=gamma ...` command that makes the right one. guidance
+    (strategies.guidance.guidance_key): the guided eps is another model, so only a Gamma made with the same
+    guidance settings is taken.
     """
     validate_variance_cfg(cfg_variance)
     if cfg_variance.get("name") == "fixed":
@@ -85,11 +87,12 @@ def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str):
     path = cfg_variance.get("gamma_path", None)
     if not path:
         dirs = _search_dirs(cfg_variance)
-        path = find_gamma(model_id, dirs, cfg_variance.get("dataset", None))
+        path = find_gamma(model_id, dirs, cfg_variance.get("dataset", None), guidance)
         if path is None:
             where = ", ".join(dirs) if dirs else "no variance.search_dirs"
-            raise GammaMissing(f"no Gamma file for model {model_id} (searched {where}): estimate it with `{command}` "
-                               f"or pass variance.gamma_path=...")
-    g = load_gamma(path, model_id, schedule, command)
+            what = "" if guidance is None else f" with guidance {guidance}"
+            raise GammaMissing(f"no Gamma file for model {model_id}{what} (searched {where}): estimate it with "
+                               f"`{command}` or pass variance.gamma_path=...")
+    g = load_gamma(path, model_id, schedule, command, guidance=guidance)
     return AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
                             data_range=data_range, model_id=model_id, path=g["path"])

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import hashlib
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -118,7 +121,9 @@ def estimate_gamma(model, x0_iter: Iterable[torch.Tensor], schedule: NoiseSchedu
                    total: Optional[int] = None) -> GammaStats:
     """Monte Carlo estimate of Gamma_t = E_{x_0, eps} ||eps_theta(x_t, t)||^2 / d (Analytic-DPM eq. 8).
 
-    model: eps-predictor `model(x, t) -> eps` (a Denoiser); x0_iter: batches of data x_0; one noise draw
+    model: eps-predictor `model(x, t, **cond) -> eps` (a Denoiser, guided or not); x0_iter: batches of data
+    x_0, or (x_0, cond) pairs with the condition of those points (cond = {"class_labels": y}: for a
+    class-conditional model Gamma is the average over (x_0, y) pairs of the data); one noise draw
     eps ~ N(0, I) per sample and timestep (from `generator`, a CPU torch.Generator), x_t = sqrt(ab_t) x_0 +
     sqrt(1 - ab_t) eps. Accumulates into `stats` (to continue an interrupted estimate) and calls
     `callback(stats)` after every batch (checkpointing). Returns GammaStats (gamma, stderr per timestep).
@@ -132,13 +137,14 @@ def estimate_gamma(model, x0_iter: Iterable[torch.Tensor], schedule: NoiseSchedu
         from tqdm.auto import tqdm
 
         bar = tqdm(total=None if total is None else total * len(ts), desc="Gamma", unit="call", dynamic_ncols=True)
-    for x0 in x0_iter:
+    for item in x0_iter:
+        x0, cond = item if isinstance(item, tuple) else (item, {})
         g_sum = np.zeros(len(ts))
         g_sq = np.zeros(len(ts))
         for j, t in enumerate(ts):
             eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
             x_t = math.sqrt(ab[t]) * x0 + math.sqrt(1.0 - ab[t]) * eps
-            g = model(x_t, float(t)).double().flatten(1).pow(2).mean(1)
+            g = model(x_t, float(t), **cond).double().flatten(1).pow(2).mean(1)
             g_sum[j] = g.sum().item()
             g_sq[j] = g.pow(2).sum().item()
             if bar is not None:
@@ -157,8 +163,16 @@ def estimate_gamma(model, x0_iter: Iterable[torch.Tensor], schedule: NoiseSchedu
 
 # ---------------------------------------------------------------------------- Gamma files
 
-def gamma_filename(mid: str, dataset: str, M: int) -> str:
-    return f"gamma_{mid}_{dataset}_M{int(M)}{GAMMA_SUFFIX}"
+def guidance_tag(guidance: Optional[dict]) -> str:
+    """"" for an unguided Gamma, else _g<8 hex of the guidance settings>: guided Gamma files of one model
+    for different scales / intervals live side by side."""
+    if guidance is None:
+        return ""
+    return "_g" + hashlib.sha1(json.dumps(guidance, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def gamma_filename(mid: str, dataset: str, M: int, guidance: Optional[dict] = None) -> str:
+    return f"gamma_{mid}_{dataset}_M{int(M)}{guidance_tag(guidance)}{GAMMA_SUFFIX}"
 
 
 def save_gamma(path, stats: GammaStats, *, model_id: str, dataset: str, schedule: NoiseSchedule,
@@ -175,7 +189,7 @@ def save_gamma(path, stats: GammaStats, *, model_id: str, dataset: str, schedule
 
 
 def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSchedule] = None,
-               command: Optional[str] = None) -> dict:
+               command: Optional[str] = None, guidance="any") -> dict:
     """Read a Gamma file -> dict of its metadata, tensors (timesteps, gamma, stderr), `stats` (GammaStats
     state) and `path`; refuse one made for another model or noise schedule (one-line GammaMismatch), and
     anything that is not a safetensors Gamma file (a pickle of the earlier .pt format is never unpickled)."""
@@ -189,6 +203,11 @@ def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSch
     if model_id is not None and obj.get("model_id") != model_id:
         raise GammaMismatch(f"{path} holds Gamma of model {obj.get('model_id')} ({obj.get('pretrained')}, "
                             f"dataset {obj.get('dataset')}), not of this model {model_id}; refusing it{hint}")
+    if guidance != "any" and obj.get("guidance") != guidance:
+        made = "no guidance" if obj.get("guidance") is None else f"guidance {obj.get('guidance')}"
+        want = "no guidance" if guidance is None else f"guidance {guidance}"
+        raise GammaMismatch(f"{path} holds Gamma made with {made}, this run samples with {want} (the guided "
+                            f"eps is another model); refusing it{hint}")
     if schedule is not None and obj.get("schedule_id") != schedule_id(schedule):
         raise GammaMismatch(f"{path} holds Gamma for another noise schedule (N={obj.get('N')}) than this model's "
                             f"(N={schedule.N}){hint}")
@@ -200,8 +219,9 @@ def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSch
     return obj
 
 
-def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None) -> Optional[Path]:
-    """The Gamma file of model `mid` in the first folder that has one: same dataset first, then largest M.
+def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None, guidance: Optional[dict] = None) -> Optional[Path]:
+    """The Gamma file of model `mid` (and of these guidance settings: see guidance_tag) in the first folder
+    that has one: same dataset first, then largest M.
 
     Only when no folder has one, a legacy gamma_<mid>_*.pt (pickle) is returned, for load_gamma to refuse
     with the command that makes a safe one (it is never unpickled).
@@ -210,13 +230,16 @@ def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None) -> Optio
         for d in dirs:
             if not d or not os.path.isdir(os.path.expanduser(str(d))):
                 continue
+            tag = guidance_tag(guidance) if suffix == GAMMA_SUFFIX else ""
+            pattern = re.compile(rf"_M\d+{re.escape(tag)}$")
             files = [Path(f) for f in glob.glob(os.path.join(glob.escape(os.path.expanduser(str(d))),
                                                              f"gamma_{mid}_*{suffix}"))]
+            files = [f for f in files if pattern.search(f.name[: -len(suffix)])]
             if not files:
                 continue
 
             def key(f: Path):
-                stem = f.name[len(f"gamma_{mid}_"): -len(suffix)]
+                stem = f.name[len(f"gamma_{mid}_"): -len(suffix) - len(tag) or None]
                 ds, _, m = stem.rpartition("_M")
                 return (ds == dataset, int(m) if m.isdigit() else -1, f.name)
 
@@ -231,7 +254,7 @@ def gamma_command(cfg_variance) -> str:
         from hydra.core.hydra_config import HydraConfig
 
         extra = [o for o in HydraConfig.get().overrides.task
-                 if o.split("=", 1)[0].lstrip("+~").startswith(("dataset.", "backbone."))]
+                 if o.split("=", 1)[0].lstrip("+~").startswith(("dataset.", "backbone.", "guidance"))]
     except Exception:
         pass
     parts = ["python run.py task=gamma"]
