@@ -166,11 +166,12 @@ def test_labels_depend_on_the_sample_index_only():
     from fewstep.conditions import sample_labels
 
     idx = np.arange(20)
-    for rule in ("balanced", "random", 2):
-        whole = sample_labels(rule, 5, idx, 10)
-        parts = torch.cat([sample_labels(rule, 5, idx[lo:lo + 7], 10) for lo in range(0, 20, 7)])
+    for rule in ("balanced", "grouped", "random", 2):
+        whole = sample_labels(rule, 5, idx, 10, n_samples=20)
+        parts = torch.cat([sample_labels(rule, 5, idx[lo:lo + 7], 10, n_samples=20) for lo in range(0, 20, 7)])
         assert torch.equal(whole, parts), rule
     assert sample_labels("balanced", 0, idx, 10).tolist() == [i % 10 for i in range(20)]
+    assert sample_labels("grouped", 0, np.arange(100), 10, n_samples=100).tolist() == [i // 10 for i in range(100)]
     r = sample_labels("random", 5, np.arange(2000), 10)
     assert set(r.tolist()) == set(range(10)) and not torch.equal(r, sample_labels("random", 6, np.arange(2000), 10))
 
@@ -201,7 +202,7 @@ BAD = [
     (["guidance=cfg", "guidance.interval=[600,300]"], "guidance.interval must be null or [t_lo, t_hi]", True),
     (["guidance=cfg", "guidance.interval=[0,1000]"], "guidance.interval must be null or [t_lo, t_hi]", True),
     (["labels=7"], "labels=7 is not a class of this network (0..2)", True),
-    (["labels=sorted"], "labels must be balanced, random or a class index", True),
+    (["labels=sorted"], "labels must be balanced, grouped, random or a class index", True),
     (["backbone.config.num_class_embeds=1"], "needs its classes plus a null class", True),
     (["skip.rows=uncond"], "skip.rows must be both or cond", True),
 ]

@@ -190,3 +190,17 @@ def test_an_unconditional_model_grows_into_a_conditional_one_that_starts_equal(t
     for bad in (other.state_dict(), dict(uncond.state_dict(), **{"conv_in.weight": torch.zeros(1)})):
         with pytest.raises(ValueError, match="does not fit this network"):
             train.init_weights(module, bad)
+
+
+def test_progress_log_gains_a_class_accuracy_column_when_it_first_appears(tmp_path):
+    from fewstep.tasks import train
+
+    cfg = compose_cfg([*TINY_OVERRIDES, *TRAIN])
+    net = train.new_network("unet", OmegaConf.to_container(cfg.backbone.config, resolve=True))
+    log = tmp_path / "p.csv"
+    p = train.ProgressLog(log, None, steps_before=0, meta={})
+    p.record(net, 1, 0.5, {"eval/fid": 50.0})
+    p.record(net, 2, 0.4, {"eval/fid": 40.0, "eval/class_accuracy": 0.75})
+    rows = train.ProgressLog(log, None, 0, {}).rows()
+    assert [r["class_accuracy"] for r in rows] == ["", "0.7500"] and [r["fid"] for r in rows] == ["50.000", "40.000"]
+    assert log.read_text().splitlines()[0].endswith(",best,class_accuracy")

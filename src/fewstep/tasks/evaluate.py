@@ -57,7 +57,7 @@ def conditions(cfg, model, indices, device) -> dict:
     from ..conditions import sample_labels
 
     return {"class_labels": sample_labels(cfg.get("labels", "balanced"), int(cfg.seed), indices, model.null_label,
-                                          device)}
+                                          device, n_samples=int(cfg.n_samples))}
 
 
 def build_variance_rule(cfg, model):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import time
@@ -225,7 +226,8 @@ class ProgressLog:
 
     log: a CSV, one row per fast FID: total_step (steps before this run, from the init model's
     train_state.json, plus this run's), loss, fid, fid_se, precision, recall, wall_h (hours of training
-    summed over sittings), utc, best (1 when this FID is the lowest so far: the model went to best_dir)."""
+    summed over sittings), utc, best (1 when this FID is the lowest so far: the model went to best_dir), and
+    for a class-conditional model class_accuracy (a column added to an older log when it first appears)."""
 
     FIELDS = ["total_step", "loss", "fid", "fid_se", "precision", "recall", "wall_h", "utc", "best"]
 
@@ -252,17 +254,21 @@ class ProgressLog:
                "recall": f"{logs.get('eval/recall', float('nan')):.4f}",
                "wall_h": f"{self.wall_before + (time.time() - self.t0) / 3600:.3f}",
                "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "best": int(best)}
+        if "eval/class_accuracy" in logs:
+            row["class_accuracy"] = f"{logs['eval/class_accuracy']:.4f}"
         if best and self.best_dir is not None:
             export_network(ema, self.best_dir, dict(self.meta, step=int(step), total_steps=total, loss=loss,
                                                     fast_fid=fid, fast_fid_eval=self.meta.get("fast_fid_eval")))
             self.best = fid
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.log.exists()
-        with open(self.log, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        rows = self.rows()
+        fields = list(rows[0].keys()) if rows else list(self.FIELDS)
+        fields += [k for k in row if k not in fields]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows + [row])
+        write_text_atomic(self.log, buf.getvalue())
 
 
 def init_state(t, out: Path, resuming: bool) -> int:
