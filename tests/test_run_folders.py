@@ -266,3 +266,26 @@ def test_make_loggers_modes(tmp_path, monkeypatch):
     assert make_loggers(compose_cfg(["logger=wandb", "logger.mode=disabled"]), tmp_path) == []
     monkeypatch.setenv("WANDB_MODE", "disabled")              # the environment wins, as for evaluate
     assert make_loggers(compose_cfg(["logger=wandb", "logger.mode=online"]), tmp_path) == []
+
+
+def test_skip_norms_and_tune_rho_claim_their_run_folder_like_evaluate(tmp_path, capsys):
+    """task=skip_norms and task=tune_rho: metrics.json carries the config_hash, resume=true with the same config
+    returns it without running, and a busy folder is refused (one line, exit 2 through dispatch)."""
+    from conftest import TINY_OVERRIDES, compose_cfg
+    from fewstep.run_folder import RunFolder, RunFolderBusy
+    from fewstep.tasks import skip_norms
+
+    base = [*TINY_OVERRIDES, "task=skip_norms", "sampler.steps=2", "logger=none", "skip.rho_bottom=0.8"]
+    out = tmp_path / "norms"
+    first = skip_norms.run(compose_cfg(base), out_dir=str(out))
+    assert "config_hash" in first and json.loads((out / "metrics.json").read_text()) == first
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    again = skip_norms.run(compose_cfg(base + ["resume=true"]), out_dir=str(out))
+    assert again == first and (out / "metrics.json").stat().st_mtime_ns == stamp
+    assert "nothing to do" in capsys.readouterr().out
+    lock = RunFolder(out).acquire()
+    try:
+        with pytest.raises(RunFolderBusy):
+            skip_norms.run(compose_cfg(base), out_dir=str(out))
+    finally:
+        lock.release()

@@ -14,8 +14,10 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -234,3 +236,40 @@ class RunFolder:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+@dataclass
+class Claim:
+    """A run folder claimed by `claim_run_folder`: the hashed config taken at the start (give it to
+    write_result), and `done`, the earlier result of this same config when resume=true found one."""
+
+    hashed: Dict[str, Any]
+    done: Optional[Dict[str, Any]] = None
+
+
+@contextmanager
+def claim_run_folder(cfg, out: Path, writer: bool = True, tag: str = "fewstep"):
+    """The start of every task that leaves a result in a run folder: take the folder's lock (the writing
+    process only; a second live one is refused: RunFolderBusy), with resume=true look for a result of this
+    same config (Claim.done: then the task returns it and does nothing), else move earlier results aside.
+    The lock is held until the block ends."""
+    out = Path(out)
+    claim = Claim(hashed_config(cfg))
+    lock = RunFolder(out).acquire() if writer else None
+    try:
+        if cfg.get("resume", False):
+            done, why = finished_result(claim.hashed, out)
+            if done is not None:
+                print(f"[{tag}] resume: {out / METRICS_FILE} was made by this config "
+                      f"(config_hash {done['config_hash']}), nothing to do")
+                claim.done = done
+            elif why:
+                print(f"[{tag}] resume: re-running {out}: {why}")
+        if writer and claim.done is None:
+            moved = move_results_aside(out)
+            if moved:
+                print(f"[{tag}] earlier results in {out} moved aside: {', '.join(moved)}")
+        yield claim
+    finally:
+        if lock is not None:
+            lock.release()

@@ -34,7 +34,7 @@ import torch
 
 from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_shape
 from ..denoiser import check_finite
-from ..outputs import METRICS_FILE, RunLogger, output_dir, save_grid, save_points_plot, to_uint8
+from ..outputs import RunLogger, output_dir, save_grid, save_points_plot, to_uint8
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
 from ..samplers import DEFAULT_SPACING, planned_nfe, sample
 from ..samplers.noise import SampleNoise
@@ -291,28 +291,16 @@ def run(cfg, out=None) -> dict:
     result files aside before it starts (metrics.json -> metrics.json.prev-<time>).
 
     Returns the metrics (an empty dict in the processes of a multi-process job that are not global rank 0)."""
-    from ..outputs import RunFolder, finished_result, hashed_config, move_results_aside
+    from ..run_folder import claim_run_folder
 
     out = Path(out) if out is not None else output_dir()
     trainer = cfg.get("trainer", None)
     multi = is_multiprocess(trainer)
     # under a cluster launcher every rank runs this function; only global rank 0 writes (and locks)
     writer = not multi or _launcher_rank() == 0
-    hashed = hashed_config(cfg)
-    lock = RunFolder(out).acquire() if writer else None
-    try:
-        if cfg.get("resume", False):
-            done, why = finished_result(hashed, out)
-            if done is not None:
-                print(f"[fewstep] resume: {out / METRICS_FILE} was made by this config "
-                      f"(config_hash {done['config_hash']}), nothing to do")
-                return done
-            if why:
-                print(f"[fewstep] resume: re-running {out}: {why}")
-        if writer:
-            moved = move_results_aside(out)
-            if moved:
-                print(f"[fewstep] earlier results in {out} moved aside: {', '.join(moved)}")
+    with claim_run_folder(cfg, out, writer) as claim:
+        if claim.done is not None:
+            return claim.done
         if multi:
             from ..config import ConfigError
             from ..parallel import validate_trainer_cfg
@@ -330,7 +318,4 @@ def run(cfg, out=None) -> dict:
                 return {}
         else:
             payload = evaluate_rank(SINGLE, cfg)
-        return write_outputs(cfg, out, *payload, hashed=hashed)
-    finally:
-        if lock is not None:
-            lock.release()
+        return write_outputs(cfg, out, *payload, hashed=claim.hashed)

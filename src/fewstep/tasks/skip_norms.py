@@ -167,11 +167,19 @@ def _batch_size(cfg) -> int:
 
 
 def run(cfg, out_dir: Optional[str] = None) -> dict:
-    """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json."""
+    """Measure the skip norms with and without the configured skip strategy; write csv, png, metrics.json
+    (with config_hash; the folder is locked and resumed as evaluate's: run_folder.claim_run_folder)."""
+    from ..run_folder import claim_run_folder, output_dir
+
+    out = Path(out_dir) if out_dir is not None else output_dir()
+    with claim_run_folder(cfg, out) as claim:
+        return claim.done if claim.done is not None else _measure(cfg, out, claim.hashed)
+
+
+def _measure(cfg, out: Path, hashed) -> dict:
     from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_shape
-    from ..fileio import write_json_atomic
     from ..loggers import RunLogger
-    from ..run_folder import METRICS_FILE, output_dir
+    from ..run_folder import write_result
     from ..samplers import planned_nfe, sample
     from ..samplers.noise import SampleNoise
     from .evaluate import build_variance_rule
@@ -180,7 +188,6 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
     if cfg.backbone.name not in ("unet", "uvit"):
         raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet or uvit), "
                          f"not backbone={cfg.backbone.name}")
-    out = Path(out_dir) if out_dir is not None else output_dir()
     device = resolve_device(cfg.get("device", "auto"))
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
@@ -205,7 +212,7 @@ def run(cfg, out_dir: Optional[str] = None) -> dict:
     result = summarize(rows)
     result.update({"batch_size": batch_size, "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps),
                    "skip": cfg.skip.name, "cache": cfg.cache.name})
-    write_json_atomic(out / METRICS_FILE, result)  # last: its presence means the run finished
+    result = write_result(out, hashed, result)    # before the logger: its presence means the run finished
     logger = RunLogger(cfg)
     try:
         logger.log(result, {"skip_norms": Path(png_path)})

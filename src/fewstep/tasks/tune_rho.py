@@ -331,8 +331,9 @@ def _loader(idx, z, target, batch_size, shuffle, seed):
     return torch.utils.data.DataLoader(ds, batch_size=int(batch_size), shuffle=shuffle, generator=gen)
 
 
-def fit(cfg, out: Path):
-    """Build, train and save; returns (result dict, the trained RhoTuner)."""
+def fit(cfg, out: Path, hashed=None):
+    """Build, train and save (metrics.json last, with the config_hash of `hashed`, the hashed config taken
+    at the start, default cfg's now); returns (result dict, the trained RhoTuner)."""
     from ..build import build_denoiser, resolve_device, sample_shape
     from ..identity import model_id
     from ..loggers import finish_loggers, make_loggers
@@ -407,10 +408,9 @@ def fit(cfg, out: Path):
         log_final(loggers, result, rho, levels, table_t, out / "rho.png")
     finally:
         finish_loggers(loggers)
-    from ..fileio import write_json_atomic
-    from ..run_folder import METRICS_FILE
+    from ..run_folder import write_result
 
-    write_json_atomic(out / METRICS_FILE, result)
+    result = write_result(out, hashed if hashed is not None else cfg, result)
     print(f"[tune_rho] rho written to {rho_path}\n[tune_rho] use it: python run.py skip=learned skip.path={rho_path} "
           f"sampler={cfg.sampler.name} sampler.steps={cfg.sampler.steps}")
     return result, tuner
@@ -468,7 +468,10 @@ def log_final(loggers, result: dict, rho: torch.Tensor, levels, table_t, image: 
 
 
 def run(cfg, out=None) -> dict:
-    from ..run_folder import output_dir
+    """Fit rho in the run folder (locked, resumed and its earlier results moved aside as evaluate's:
+    run_folder.claim_run_folder); metrics.json carries the config_hash."""
+    from ..run_folder import claim_run_folder, output_dir
 
-    result, _ = fit(cfg, Path(out) if out is not None else output_dir())
-    return result
+    out = Path(out) if out is not None else output_dir()
+    with claim_run_folder(cfg, out, tag="tune_rho") as claim:
+        return claim.done if claim.done is not None else fit(cfg, out, claim.hashed)[0]
