@@ -92,11 +92,7 @@ def test_safe_io_round_trip_and_refusals(tmp_path):
 
 
 # ---------------------------------------------------------------------------- Gamma files
-
-def variance_cfg(**kw):
-    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": 2.0,
-            "data_range": [-1.0, 1.0], "dataset": "gmm", "backbone": "gmm_exact", "pretrained": None}
-    return OmegaConf.create({**base, **kw})
+from test_variance import variance_cfg  # noqa: E402  (the variance config of the Gamma-file tests)
 
 
 def test_gamma_file_round_trip(model, mixture, schedule, tmp_path):
