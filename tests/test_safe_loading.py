@@ -116,7 +116,6 @@ def test_legacy_or_crafted_gamma_file_is_refused(model, schedule, tmp_path):
     folder = tmp_path / "downloaded_model"
     folder.mkdir()
     legacy = torch_pickle(folder / f"gamma_{mid}_gmm_M64.pt", marker)
-    ddpm = OmegaConf.create({"name": "ddpm", "steps": 10})
     # found automatically in a searched folder (the pretrained folder of a downloaded model)
     assert find_gamma(mid, [folder], "gmm") == legacy
     with pytest.raises(UnsafeFile, match=r"gamma_.*_M64\.pt is a pickle .*can run code: re-estimate it with "

@@ -388,7 +388,6 @@ def test_gamma_files_keyed_by_model(model, mixture, schedule, tmp_path):
     st = estimate_gamma(model, [mixture.sample(64)], schedule, [0, 500, 999])
     path = save_gamma(tmp_path / gamma_filename(mid, "gmm", st.count), st, model_id=mid, dataset="gmm",
                       schedule=schedule)
-    ddpm = OmegaConf.create({"name": "ddpm", "steps": 10})
     rule = build_variance(variance_cfg(search_dirs=[None, str(tmp_path)]), schedule, mid)
     assert rule.path == str(path) and rule.clip_pixel == 2.0 and rule.gamma_at(500) == pytest.approx(st.gamma[1])
     assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=1), schedule, mid).clip_pixel == 1.0
