@@ -390,3 +390,32 @@ def test_gamma_for_a_guided_model_is_its_own_file_and_refused_for_other_settings
     cond_unet.save_pretrained(tmp_path / "three")                               # 3 classes: digits has 10
     with pytest.raises(ConfigError, match="has classes 0..9, the network's class embedding only 0..2"):
         gamma_task.run(compose_cfg([f"backbone.pretrained={tmp_path / 'three'}", *base[1:], *task]))
+
+
+def test_deepcache_across_a_guidance_interval_makes_the_calls_whose_rows_change_full(cond_unet):
+    """Entering or leaving the guidance window changes a call's rows (B <-> 2B): the cached feature does not fit
+    and that call is a full one; inside a stretch of equal rows the cache schedule runs as usual."""
+    from fewstep.samplers import sample
+    from fewstep.strategies.cache import DeepCache
+    from fewstep.strategies.guidance import Guidance
+
+    z, y = inputs()
+    cfg = OmegaConf.create({"name": "ddim", "steps": 6, "eta": 0.0, "timesteps": "linspace"})
+    ts = np.linspace(999, 0, 6)                                  # 999, 799.2, 599.4, 399.6, 199.8, 0
+    inside = (ts >= 300) & (ts <= 850)                           # calls 1, 2, 3 guided
+    m = denoiser(cond_unet, Guidance(2.0, interval=(300.0, 850.0)), cache=DeepCache(interval=3, branch=1))
+    seen = []
+    orig = m.backbone_out
+
+    def spy(x, t, class_labels=None, rows=1):
+        seen.append(rows)
+        return orig(x, t, class_labels, rows)
+
+    m.backbone_out = spy
+    m.reset()
+    with torch.no_grad():
+        sample(cfg, m, z, None, m.schedule, extra_args={"class_labels": y})
+    assert seen == [2 if g else 1 for g in inside]
+    # uniform N = 3 would make calls 0 and 3 full; the row changes at calls 1 and 4 make them full too
+    assert m.calls == {"full": 4, "partial@1": 2}
+    assert m.rows == {"full": 1 + 2 + 2 + 1, "partial@1": 2 + 1}
