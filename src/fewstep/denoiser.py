@@ -111,14 +111,14 @@ class Denoiser(nn.Module):
         if rows != "cond" and class_labels is None:
             raise ValueError("guidance needs class_labels (the sampler's extra_args)")
         if rows == "both":
-            y_null = torch.full_like(class_labels, self.null_label)
+            xx, yy = torch.cat([x, x]), torch.cat([class_labels, torch.full_like(class_labels, self.null_label)])
             self.backbone.cond_rows = x.shape[0]            # skip.rows=cond scales these rows only
             try:
-                f = self.backbone_out(torch.cat([x, x]), t, torch.cat([class_labels, y_null]), rows=2)
+                f = self.backbone_out(xx, t, yy, rows=2)
             finally:
                 self.backbone.cond_rows = None
             check_finite(f, f"the network output of {call}")
-            eps_c, eps_u = self._to_eps(torch.cat([x, x]), t, f).chunk(2)
+            eps_c, eps_u = self._to_eps(xx, t, f).chunk(2)
             return self.guidance.combine(eps_c, eps_u, x, t, self.schedule)
         y = class_labels if rows == "cond" else torch.full_like(class_labels, self.null_label)
         f = self.backbone_out(x, t, y)
