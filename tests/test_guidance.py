@@ -253,22 +253,27 @@ def test_metrics_report_the_classifiers_agreement_with_the_requested_labels():
         assert out[f"class_accuracy_{c}"] == int((pred[y == c] == c).sum()) / int((y == c).sum())
 
 
-def test_class_conditional_training_learns_and_reloads_for_guided_sampling(tmp_path):
-    """A few steps of a class-conditional UNet with label dropout lower the loss on a fixed batch, for real
-    labels and for the null class, and the exported folder samples with guidance."""
+@pytest.mark.parametrize("backbone", ["unet", "uvit"])
+def test_class_conditional_training_learns_and_reloads_for_guided_sampling(tmp_path, backbone):
+    """A few steps of a class-conditional UNet / U-ViT with label dropout lower the loss on a fixed batch, for
+    real labels and for the null class, and the exported folder samples with guidance."""
     import json
 
     from conftest import TINY_OVERRIDES
+    from test_uvit import TINY_UVIT_OVERRIDES
+
     from fewstep.tasks import dispatch, train
 
-    net = ["backbone.config.num_class_embeds=11"]
-    args = [*TINY_OVERRIDES, *net, "task=train", "logger=none", "task.batch_size=32", "task.warmup_steps=2",
+    tiny = TINY_OVERRIDES if backbone == "unet" else TINY_UVIT_OVERRIDES
+    key = {"unet": "num_class_embeds", "uvit": "num_classes"}[backbone]
+    args = [*tiny, f"backbone.config.{key}=11", "task=train", "logger=none", "task.batch_size=32", "task.warmup_steps=2",
             "task.sample_every=100000", "task.ema_decay=0.9", "task.lr=3e-3", f"task.run_dir={tmp_path / 'run'}",
             f"task.export_dir={tmp_path / 'export'}", "task.ckpt_every=40", "task.max_steps=40"]
     cfg = compose_cfg(args)
     torch.manual_seed(0)
     module = train.DiffusionModule(OmegaConf.to_container(cfg.backbone.config, resolve=True),
-                                   OmegaConf.to_container(cfg.backbone.schedule, resolve=True), label_dropout=0.5)
+                                   OmegaConf.to_container(cfg.backbone.schedule, resolve=True), label_dropout=0.5,
+                                   backbone=backbone)
     assert module.null_label == 10
     y = torch.arange(1000) % 10
     dropped = module.dropped_labels(y)
@@ -293,11 +298,12 @@ def test_class_conditional_training_learns_and_reloads_for_guided_sampling(tmp_p
     assert result["steps"] == 40
     from fewstep.build import load_pretrained
 
-    trained = load_pretrained(str(tmp_path / "export"), name="unet")
-    fresh = train.new_network("unet", OmegaConf.to_container(cfg.backbone.config, resolve=True))
+    trained = load_pretrained(str(tmp_path / "export"), name=backbone)
+    torch.manual_seed(0)
+    fresh = train.new_network(backbone, OmegaConf.to_container(cfg.backbone.config, resolve=True))
     for lab in (labels, torch.full_like(labels, 10)):
         assert loss(trained, lab) < 0.8 * loss(fresh, lab)
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["num_class_embeds"] == 11
+    assert json.loads((tmp_path / "export" / "config.json").read_text())[key] == 11
 
     out = tmp_path / "sample"
     out.mkdir()
@@ -306,7 +312,7 @@ def test_class_conditional_training_learns_and_reloads_for_guided_sampling(tmp_p
     cwd = os.getcwd()
     os.chdir(out)
     try:
-        m = dispatch(compose_cfg([*TINY_OVERRIDES, f"backbone.pretrained={tmp_path / 'export'}", "guidance=cfg",
+        m = dispatch(compose_cfg([*tiny, f"backbone.pretrained={tmp_path / 'export'}", "guidance=cfg",
                                   "guidance.scale=2", "sampler.steps=3", "n_samples=10", "logger=none"]))
     finally:
         os.chdir(cwd)
