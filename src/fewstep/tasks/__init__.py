@@ -26,7 +26,7 @@ def _whole(cfg, key: str, lo: int) -> int:
 
 def check_finite_options(node, prefix: str = "") -> None:
     """Every number anywhere in the config must be finite: inf / nan are refused, naming the option."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig
 
     items = (node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node))
     for k, _ in items:
@@ -124,7 +124,6 @@ def validate(cfg) -> None:
           "sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs variance=analytic")
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
-
 
         check(cfg.sampler.name in VARIANCE_SAMPLERS,
               f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "
