@@ -170,7 +170,8 @@ def build_denoiser(cfg, device=None) -> Denoiser:
         backbone, schedule = build_backbone(cfg)
         backbone.requires_grad_(False)
         cache = install_strategies(cfg, backbone)
-    n_embeds = class_embeds(cfg.backbone)
+    # the built network's own config decides (validation read it from the config beforehand, best effort)
+    n_embeds = class_embeds_of(str(cfg.backbone.name), dict(getattr(backbone, "config", None) or {}))
     guidance = build_guidance(cfg.guidance) if "guidance" in cfg else None
     return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
                     autocast=cfg.get("autocast", None), guidance=guidance,
