@@ -1,0 +1,56 @@
+"""The training curves of the long runs: fast FID (with its standard error) against total training step, one
+line per progress log; the class-conditional run also shows its class accuracy.
+
+    python experiments/training/plot.py     # reads experiments/training/*.csv, writes experiments/figures/training.png
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "src"))
+
+
+def read(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fewstep.fileio import atomic_path
+
+    logs = sorted(HERE.glob("*.csv"))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for path in logs:
+        rows = read(path)
+        step = [int(r["total_step"]) for r in rows]
+        fid = [float(r["fid"]) for r in rows]
+        se = [float(r["fid_se"]) for r in rows]
+        ax.errorbar(step, fid, yerr=se, marker="o", ms=3, capsize=2, label=path.stem)
+        acc = [(s, float(r["class_accuracy"])) for s, r in zip(step, rows) if r.get("class_accuracy")]
+        if acc:
+            ax2.plot(*zip(*acc), marker="o", ms=3, label=path.stem)
+        print(f"{path.name}: {len(rows)} rows, total step {step[0]}..{step[-1]}, fast FID {fid[0]:.1f} -> {fid[-1]:.1f}"
+              f" (best {min(fid):.1f})" + (f", class accuracy {acc[-1][1]:.3f}" if acc else ""))
+    ax.set_xlabel("total training step")
+    ax.set_ylabel("fast FID (1000 samples, classifier)")
+    ax.legend(fontsize=7)
+    ax2.set_xlabel("total training step")
+    ax2.set_ylabel("class accuracy of conditional samples")
+    ax2.axhline(0.1, color="gray", lw=0.5, ls=":")
+    fig.tight_layout()
+    out = HERE.parent / "figures" / "training.png"
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    print(f"wrote {out.relative_to(HERE.parents[1])}")
+
+
+if __name__ == "__main__":
+    main()
