@@ -27,13 +27,11 @@ RULES = ("balanced", "grouped", "random")
 
 def check_labels(rule, num_classes: int) -> None:
     """One-line ConfigError for a labels rule that does not fit C = num_classes classes."""
-    if isinstance(rule, bool) or not isinstance(rule, (int, str)):
-        check(False, f"labels must be balanced, random or a class index (got {rule!r})")
-    if isinstance(rule, int):
+    if isinstance(rule, int) and not isinstance(rule, bool):
         check(0 <= rule < num_classes, f"labels={rule} is not a class of this network (0..{num_classes - 1})")
     else:
-        check(rule in RULES, f"labels must be balanced, grouped, random or a class index 0..{num_classes - 1} "
-                             f"(got {rule!r})")
+        check(isinstance(rule, str) and rule in RULES,
+              f"labels must be balanced, grouped, random or a class index 0..{num_classes - 1} (got {rule!r})")
 
 
 def sample_labels(rule, seed: int, indices: Sequence[int], num_classes: int, device="cpu",
