@@ -175,18 +175,27 @@ def test_a_second_process_in_the_same_folder_is_refused(tmp_path):
     from fewstep.outputs import RunFolder
 
     out = tmp_path / "run"
+    record = out / ".hydra" / "config.yaml"          # the record of the run that holds the folder
+    record.parent.mkdir(parents=True)
+    record.write_text("the holder's config\n")
     with RunFolder(out):
         p = run_py(*GMM, "logger=none", f"hydra.run.dir={out}", check=False)
     assert p.returncode == 2, (p.stdout, p.stderr)
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fewstep: error: ") and f"pid {os.getpid()}" in err[0], err
     assert not (out / "metrics.json").exists()
+    assert record.read_text() == "the holder's config\n"      # the refused process wrote no .hydra record
+    assert sorted(p.name for p in record.parent.iterdir()) == ["config.yaml"]
     # a lock file left by a process that died is no lock: the next run goes ahead
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / ".fewstep.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
     run_py(*GMM, "logger=none", f"hydra.run.dir={out}")
     assert metrics(out)["n_samples"] == 200 and not (out / ".fewstep.lock").exists()
+    from omegaconf import OmegaConf                  # the run that went ahead recorded its own job
+    assert OmegaConf.load(record).n_samples == 200
+    assert "n_samples=200" in OmegaConf.load(out / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra.run.dir == str(out)
 
 
 def test_temporary_files_are_per_process_and_never_left_behind(tmp_path):

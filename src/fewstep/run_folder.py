@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError
-from .fileio import write_json_atomic
+from .fileio import write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.json"
 
@@ -35,6 +35,27 @@ def output_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return Path(os.getcwd())
+
+
+JOB_CONFIG_DIR = ".hydra"
+
+
+def save_job_config(cfg, out: Path) -> None:
+    """Hydra's record of a job, `.hydra/config.yaml` (the task config as composed, unresolved),
+    `hydra.yaml` and `overrides.yaml`, written by fewstep (conf/config.yaml sets hydra.output_subdir: null)
+    after the run folder's lock is held, so a process that is refused never rewrites the record of the
+    run that owns the folder. Outside a Hydra job (Python, tests) there is nothing to record."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return
+    d = Path(out) / JOB_CONFIG_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(d / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(d / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_text_atomic(d / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 LOCK_FILE = ".fewstep.lock"
@@ -269,6 +290,7 @@ def claim_run_folder(cfg, out: Path, writer: bool = True, tag: str = "fewstep"):
             moved = move_results_aside(out)
             if moved:
                 print(f"[{tag}] earlier results in {out} moved aside: {', '.join(moved)}")
+            save_job_config(cfg, out)
         yield claim
     finally:
         if lock is not None:

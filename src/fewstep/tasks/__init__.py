@@ -154,6 +154,10 @@ def dispatch(cfg):
             validate(cfg)
     except ValueError as e:
         fail(str(e))
+    if name not in SAMPLING_TASKS:   # the sampling tasks record it once they hold their run folder
+        from ..run_folder import output_dir, save_job_config
+
+        save_job_config(cfg, output_dir())
     try:
         return module.run(cfg)
     except (ConfigError, DatasetMissing, NonFiniteSamples) as e:
