@@ -298,3 +298,38 @@ def test_skip_norms_and_tune_rho_claim_their_run_folder_like_evaluate(tmp_path, 
             skip_norms.run(compose_cfg(base), out_dir=str(out))
     finally:
         lock.release()
+
+
+def test_a_wandb_failure_during_training_is_one_warning_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    """Lightning's own calls on the W&B logger in fit (hyperparameters, metrics, images) fail soft."""
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    from fewstep.loggers import make_loggers
+    from fewstep.tasks.train import DiffusionModule
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg([*TINY_OVERRIDES, "task=train", "logger=wandb"])
+    (logger,) = make_loggers(cfg, tmp_path)
+    calls = []
+
+    def broken_log(*args, **kwargs):
+        calls.append(1)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(logger.experiment, "log", broken_log)
+    module = DiffusionModule(OmegaConf.to_container(cfg.backbone.config, resolve=True),
+                             OmegaConf.to_container(cfg.backbone.schedule, resolve=True),
+                             lr=1e-3, warmup_steps=1, max_steps=4, backbone="unet")
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=[logger], log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    logger.log_image("samples", [str(tmp_path / "none.png")], step=4)   # quiet after the first failure
+    logger.experiment.finish()
+    assert trainer.global_step == 4 and len(calls) == 1
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "W&B" in ln]
+    assert len(warnings) == 1 and "no space left on device" in warnings[0] and "training goes on" in warnings[0]

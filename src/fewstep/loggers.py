@@ -13,6 +13,7 @@ for the Lightning tasks (train, tune_rho).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import sys
@@ -144,6 +145,39 @@ def _is_multirun() -> bool:
         return False
 
 
+# the calls Lightning makes on a logger during fit; a failing one must not end the training
+_LIGHTNING_LOGGER_CALLS = ("log_metrics", "log_hyperparams", "log_graph", "log_image", "after_save_checkpoint",
+                           "save", "finalize")
+
+
+@functools.lru_cache(maxsize=None)
+def fail_soft_wandb_logger():
+    """Lightning's WandbLogger whose every call made during fit (log_metrics, log_hyperparams, log_image,
+    after_save_checkpoint, save, finalize) is fail-soft: the first W&B failure is one warning line, then
+    the logger goes quiet and the training goes on (its checkpoints, exports and progress log are the
+    result; W&B only mirrors them)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    def fail_soft(name):
+        method = getattr(WandbLogger, name)
+
+        def call(self, *args, **kwargs):
+            if self._fewstep_failed:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except (Exception, SystemExit) as e:
+                self._fewstep_failed = True
+                warn(f"W&B logging failed in {name} ({_one_line(e)}); training goes on, W&B stops for this run")
+                return None
+
+        call.__name__ = name
+        return call
+
+    return type("FailSoftWandbLogger", (WandbLogger,),
+                {"_fewstep_failed": False, **{n: fail_soft(n) for n in _LIGHTNING_LOGGER_CALLS}})
+
+
 def make_loggers(cfg, out: Path) -> List:
     """Lightning loggers for the logger group (wandb offline by default, csv, none).
 
@@ -161,7 +195,7 @@ def make_loggers(cfg, out: Path) -> List:
     if not wandb_may_start(mode):
         return []
     try:  # Lightning's WandbLogger starts the run, from the same settings as RunLogger
-        logger = L.pytorch.loggers.WandbLogger(project=s["project"], group=s["group"], save_dir=s["dir"],
+        logger = fail_soft_wandb_logger()(project=s["project"], group=s["group"], save_dir=s["dir"],
                                                name=s["name"], offline=mode in ("offline", "dryrun"),
                                                config=s["config"], mode=mode, settings=wandb_sdk_settings(cfg.logger))
         logger.experiment  # noqa: B018  (start the run now: a failure is a warning, not a crash in fit)
