@@ -25,6 +25,11 @@ Partial forwards (DeepCache): `forward_full(x, t, branch)` also returns the deco
 state entering the layer that consumes skip m = branch; `forward_partial(x, t, cache,
 branch)` runs only E_0..E_m, then D_{k-m}..D_k from the cached state, then conv_out.
 Both have static control flow for a fixed branch, so each can be torch.compile'd.
+
+The condition of a call (``**cond``: class_labels here) goes to `embed`, which returns the call's context
+`ctx`; the walk hands ctx to the layers through four small methods (`_temb`, `_attend`, `_mid`, `head`),
+so an adapter of another UNet class with the same block structure (backbones/sd_unet.py:
+UNet2DConditionModel, whose attentions also read the text embedding) overrides only those.
 """
 from __future__ import annotations
 
@@ -136,16 +141,16 @@ class UNetAdapter(nn.Module):
         blk = u.down_blocks[b]
         if kind == "down_resnet":
             jj = n - self._first_enc_of_block(b)
-            h = blk.resnets[jj](h, emb)
+            h = blk.resnets[jj](h, self._temb(emb))
             if j is not None:
-                h = blk.attentions[jj](h)
+                h = self._attend(blk.attentions[jj], h, emb)
             return h, skip_sample
         if kind == "downsample":
             for ds in blk.downsamplers:
-                h = ds(h, temb=emb) if _is_resnet(ds) else ds(h)
+                h = ds(h, temb=self._temb(emb)) if _is_resnet(ds) else ds(h)
             return h, skip_sample
         if kind == "down_skip":  # SkipDownBlock2D / AttnSkipDownBlock2D
-            h = blk.resnet_down(h, emb)
+            h = blk.resnet_down(h, self._temb(emb))
             for ds in blk.downsamplers:
                 skip_sample = ds(skip_sample)
             return blk.skip_conv(skip_sample) + h, skip_sample
@@ -176,11 +181,11 @@ class UNetAdapter(nn.Module):
         for hook in self.skip_hooks:
             d, h = hook(i, d, h, t)
         h = torch.cat([h, d], dim=1)
-        h = blk.resnets[j](h, emb)
+        h = blk.resnets[j](h, self._temb(emb))
         attns = getattr(blk, "attentions", None)
         skip_type = hasattr(blk, "skip_conv")
         if attns is not None and len(attns) == len(blk.resnets):
-            h = attns[j](h)
+            h = self._attend(attns[j], h, emb)
         if last:
             if skip_type:  # SkipUpBlock2D / AttnSkipUpBlock2D
                 if attns is not None and len(attns) == 1:
@@ -189,10 +194,10 @@ class UNetAdapter(nn.Module):
                 if blk.resnet_up is not None:
                     s = blk.skip_conv(blk.act(blk.skip_norm(h)))
                     skip_up = skip_up + s
-                    h = blk.resnet_up(h, emb)
+                    h = blk.resnet_up(h, self._temb(emb))
             elif getattr(blk, "upsamplers", None) is not None:
                 for us in blk.upsamplers:
-                    h = us(h, temb=emb) if _is_resnet(us) else us(h)
+                    h = us(h, temb=self._temb(emb)) if _is_resnet(us) else us(h)
         return h, skip_up
 
     def decode(self, h, skips: Sequence[torch.Tensor], emb, t, skip_up=None):
@@ -215,36 +220,46 @@ class UNetAdapter(nn.Module):
             t = t[None]
         return t.to(x.device) * torch.ones(x.shape[0], dtype=t.dtype, device=x.device)
 
+    # ------------------------------------------------------------------ context
+    # what the layers take from the call's context (embed's result): UNet2DModel's is the time(+class)
+    # embedding itself, its attentions are self-attentions and its mid block takes the embedding only
+    def _temb(self, ctx):
+        return ctx
+
+    def _attend(self, attn, h, ctx):
+        return attn(h)
+
+    def _mid(self, h, ctx):
+        return self.unet.mid_block(h, ctx) if self.unet.mid_block is not None else h
+
     # ------------------------------------------------------------------ forwards
-    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         tb = self._t_batch(x, t)
-        emb = self.embed(x, t, class_labels)
+        emb = self.embed(x, t, **cond)
         h, skips, _ = self.encode(x, emb)
-        if self.unet.mid_block is not None:
-            h = self.unet.mid_block(h, emb)
+        h = self._mid(h, emb)
         h, skip_up = self.decode(h, skips, emb, tb)
         return self.head(h, skip_up, tb)
 
-    def forward_full(self, x: torch.Tensor, t, branch: int, class_labels=None):
+    def forward_full(self, x: torch.Tensor, t, branch: int, **cond):
         """Full forward that also returns the cache: the decoder state (u, skip_up)
         entering D_{k-branch}, the layer that consumes skip m = branch."""
         k = self.num_skips - 1
         start = k - branch
         tb = self._t_batch(x, t)
-        emb = self.embed(x, t, class_labels)
+        emb = self.embed(x, t, **cond)
         h, skips, _ = self.encode(x, emb)
-        if self.unet.mid_block is not None:
-            h = self.unet.mid_block(h, emb)
+        h = self._mid(h, emb)
         h, skip_up = self.decode_range(h, skips, emb, tb, 0, start)
         cache = (h, skip_up)
         h, skip_up = self.decode_range(h, skips, emb, tb, start, k + 1, skip_up)
         return self.head(h, skip_up, tb), cache
 
-    def forward_partial(self, x: torch.Tensor, t, cache, branch: int, class_labels=None):
+    def forward_partial(self, x: torch.Tensor, t, cache, branch: int, **cond):
         """Shallow path only: E_0..E_branch, then D_{k-branch}..D_k from the cached state."""
         k = self.num_skips - 1
         tb = self._t_batch(x, t)
-        emb = self.embed(x, t, class_labels)
+        emb = self.embed(x, t, **cond)
         _, skips, _ = self.encode(x, emb, upto=branch)
         h, skip_up = cache
         h, skip_up = self.decode_range(h, skips, emb, tb, k - branch, k + 1, skip_up)
