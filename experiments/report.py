@@ -321,26 +321,29 @@ def archive(src, dest) -> list[Path]:
     return [dest / f.relative_to(src) for f in files]
 
 
-def plot(df: pd.DataFrame, x: str, y: str, hue, out: str, logx: bool = False):
-    """One line of y against x per value of the hue columns, written to out (png)."""
+def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
+    """One line of y against x per value of the hue columns, written to out (png); several y columns give
+    one panel each, side by side, sharing x and the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    groups = df.groupby(hue) if hue else [("", df)]
-    for key, g in groups:
-        g = g.assign(_x=g[x].astype(float)).sort_values("_x")
-        label = ", ".join(f"{h}={fmt(k)}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
-        ax.plot(g["_x"], g[y].astype(float), "o-", ms=3, label=label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    if logx:
-        ax.set_xscale("log")
+    ys = [y] if isinstance(y, str) else list(y)
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 if len(ys) == 1 else 3.2 * len(ys), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], ys):
+        groups = df.groupby(hue) if hue else [("", df)]
+        for key, g in groups:
+            g = g.assign(_x=g[x].astype(float)).sort_values("_x")
+            label = ", ".join(f"{h}={fmt(k)}" for h, k in zip(hue, key if isinstance(key, tuple) else (key,))) if hue else None
+            ax.plot(g["_x"], g[col].astype(float), "o-", ms=3, label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(col)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
     if hue:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     from fewstep.fileio import atomic_path
 
@@ -363,7 +366,7 @@ def main():
     p.add_argument("--keys", nargs="*", default=None)
     p.add_argument("--sort", nargs="*", default=None)
     p.add_argument("--x", default="rho_bottom", help="plot: x column")
-    p.add_argument("--y", default="fid", help="plot: y column")
+    p.add_argument("--y", nargs="+", default=["fid"], help="plot: y column(s), one panel each")
     p.add_argument("--hue", nargs="*", default=[], help="plot: one line per value of these columns")
     p.add_argument("--logx", action="store_true")
     p.add_argument("--out", default=None, help="plot: the png to write")

@@ -177,6 +177,14 @@ def test_plot_writes_a_png(report, tmp_path, capsys):
     out = tmp_path / "fig" / "rho.png"
     assert f"wrote {out}" in run(report, capsys, "plot", str(tmp_path / "s"), "--hue", "sampler", "nfe", "--out", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # several y columns: one panel each, side by side (a wider figure of the same height)
+    wide = tmp_path / "fig" / "panels.png"
+    run(report, capsys, "plot", str(tmp_path / "s"), "--x", "rho_bottom", "--y", "fid", "nfe", "--hue", "sampler",
+        "--out", str(wide))
+    import matplotlib.image
+
+    (h1, w1), (h2, w2) = (matplotlib.image.imread(f).shape[:2] for f in (out, wide))
+    assert h1 == h2 and w2 > 1.2 * w1
     with pytest.raises(SystemExit, match="--out"):
         run(report, capsys, "plot", str(tmp_path / "s"))
 
