@@ -33,6 +33,7 @@ def build_schedule(cfg_schedule) -> NoiseSchedule:
 NETWORKS = {
     "unet": ("diffusers", "UNet2DModel", "fewstep.backbones.unet", "UNetAdapter"),
     "uvit": ("fewstep.backbones.uvit", "UViT", "fewstep.backbones.uvit", "UViTAdapter"),
+    "dit": ("diffusers", "DiTTransformer2DModel", "fewstep.backbones.dit", "DiTAdapter"),
 }
 
 
@@ -80,9 +81,14 @@ def network_kwargs(cfg_config) -> dict:
 def new_network(name: str, config: dict):
     """A freshly initialized network of backbone `name` from its config kwargs."""
     try:
-        return _network(name)[0](**network_kwargs(config))
+        net = _network(name)[0](**network_kwargs(config))
     except ValueError as e:  # the constructors' own shape checks (e.g. a patch size that does not divide)
         raise ConfigError(f"backbone={name}: {e}") from None
+    if name == "dit":  # labels are dropped by task.label_dropout, not at random in each block's embedding
+        from .backbones.dit import no_builtin_label_dropout
+
+        no_builtin_label_dropout(net)
+    return net
 
 
 def build_network(cfg_backbone):
@@ -124,11 +130,20 @@ def install_strategies(cfg, backbone):
     """Skip hooks onto the adapter; returns the cache strategy (or None)."""
     from .strategies.skip import build_skip
 
-    hooks = build_skip(cfg.skip, backbone)
-    if hooks:
-        backbone.skip_hooks.extend(hooks)
+    if cfg.skip.name == "residual":   # the residual branches of transformer blocks (DiT, U-ViT)
+        from .strategies.residual import build_residual
+
+        backbone.residual_hooks.extend(build_residual(cfg.skip, backbone))
+    else:
+        hooks = build_skip(cfg.skip, backbone)
+        if hooks:
+            backbone.skip_hooks.extend(hooks)
     if cfg.cache.name == "none":
         return None
+    if cfg.cache.name == "block":
+        from .strategies.block_cache import build_block_cache
+
+        return build_block_cache(cfg.cache, backbone)
     from .strategies.cache import build_cache
 
     return build_cache(cfg.cache, backbone)
@@ -151,13 +166,14 @@ def class_embeds(cfg_backbone) -> int | None:
     return class_embeds_of(name, conf)
 
 
-CLASS_EMBEDS = {"unet": "num_class_embeds", "uvit": "num_classes"}   # backbone -> its config key
+CLASS_EMBEDS = {"unet": "num_class_embeds", "uvit": "num_classes", "dit": "num_embeds_ada_norm"}   # backbone -> its config key
+NULL_ROW_ADDED = {"dit": 1}   # DiT's key counts the classes only: its label table adds the null class itself
 
 
 def class_embeds_of(name: str, config) -> int | None:
     """The class-embedding count in a network config of backbone `name` (None: unconditional)."""
     n = (config or {}).get(CLASS_EMBEDS.get(name, ""), None)
-    return int(n) if n else None
+    return int(n) + NULL_ROW_ADDED.get(name, 0) if n else None
 
 
 def build_denoiser(cfg, device=None) -> Denoiser:

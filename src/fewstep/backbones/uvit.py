@@ -18,6 +18,8 @@ walks the same layers with the interface of `UNetAdapter` -- skip hooks, `skips`
 partial forwards of DeepCache -- so Skip-Tuning, learned rho, the skip-norm diagnostic and
 DeepCache act on U-ViT's long skips exactly as on a UNet's. Depth index i = n - 1 - m is the
 out block that consumes skip m: i = 0 the deepest. All skips have the same resolution (level 0).
+Its blocks' residual branches (attention and MLP outputs, blocks in execution order) take the residual
+hooks of skip=residual (strategies/residual.py), as a DiT's do.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .dit import residual_infos
 from .unet import SkipHook, SkipInfo
 
 
@@ -174,6 +177,10 @@ class UViTAdapter(nn.Module):
         D = uvit.config.embed_dim
         self.skips = [SkipInfo(depth=i, index=n - 1 - i, level=0, channels=D, up_block=i, up_layer=0)
                       for i in range(n)]
+        # residual branches (skip=residual): blocks b = 0 .. 2n in execution order (in, mid, out), branch
+        # 2b = attention, 2b + 1 = MLP; hooks ``hook(i, r, h, t) -> (r, h)`` before h <- h + r
+        self.residual_hooks: list = []
+        self.residuals = residual_infos(2 * n + 1)
 
     @property
     def config(self):
@@ -183,12 +190,30 @@ class UViTAdapter(nn.Module):
     def dtype(self):
         return self.uvit.dtype
 
+    def block(self, b: int, blk: Block, h, t, skip=None):
+        """Block b (execution order) = blk(h, skip); with residual hooks, written out so that they see its
+        attention and MLP outputs before they are added to the stream."""
+        if not self.residual_hooks:
+            return blk(h) if skip is None else blk(h, skip)
+        if blk.skip_linear is not None:
+            h = blk.skip_linear(torch.cat([h, skip], dim=-1))
+        h = self._add_residual(2 * b, blk.attn(blk.norm1(h)), h, t)
+        return self._add_residual(2 * b + 1, blk.mlp(blk.norm2(h)), h, t)
+
+    def _add_residual(self, i: int, r, h, t):
+        for hook in self.residual_hooks:
+            r, h = hook(i, r, h, t)
+        return h + r
+
+    def mid(self, h, t):
+        return self.block(self.num_skips, self.uvit.mid_block, h, t)
+
     def encode(self, x, t, class_labels=None, upto: Optional[int] = None):
         """Tokens, then in blocks 0..upto (all when None). Returns (h, skips shallow-first)."""
         h = self.uvit.tokens(x, t, class_labels)
         skips = []
-        for blk in self.uvit.in_blocks[: None if upto is None else upto + 1]:
-            h = blk(h)
+        for b, blk in enumerate(self.uvit.in_blocks[: None if upto is None else upto + 1]):
+            h = self.block(b, blk, h, t)
             skips.append(h)
         return h, skips
 
@@ -199,20 +224,20 @@ class UViTAdapter(nn.Module):
             d = skips[k - i]
             for hook in self.skip_hooks:
                 d, h = hook(i, d, h, t)
-            h = self.uvit.out_blocks[i](h, d)
+            h = self.block(self.num_skips + 1 + i, self.uvit.out_blocks[i], h, t, d)
         return h
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         tb = batch_timesteps(x, t)
         h, skips = self.encode(x, tb, class_labels)
-        h = self.uvit.mid_block(h)
+        h = self.mid(h, tb)
         return self.uvit.head(self.decode_range(h, skips, tb, 0, self.num_skips))
 
     def forward_full(self, x: torch.Tensor, t, branch: int, class_labels=None):
         k = self.num_skips - 1
         tb = batch_timesteps(x, t)
         h, skips = self.encode(x, tb, class_labels)
-        h = self.uvit.mid_block(h)
+        h = self.mid(h, tb)
         h = self.decode_range(h, skips, tb, 0, k - branch)
         cache = (h,)
         h = self.decode_range(h, skips, tb, k - branch, k + 1)

@@ -109,6 +109,15 @@ def validate(cfg) -> None:
 
         c = cfg.backbone.config
         check_uvit_config(int(c.sample_size), int(c.patch_size), int(c.embed_dim), int(c.depth), int(c.num_heads))
+    if cfg.backbone.name == "dit" and not cfg.backbone.pretrained:
+        from ..backbones.dit import check_dit_config
+
+        c = cfg.backbone.config
+        check_dit_config(int(c.sample_size), int(c.in_channels), c.out_channels, int(c.patch_size), int(c.num_layers),
+                         int(c.num_attention_heads), int(c.attention_head_dim), c.num_embeds_ada_norm)
+    from ..strategies.residual import validate_residual_cfg
+
+    validate_residual_cfg(cfg)   # skip=residual (transformer residual branches) and long skips on a DiT
     skip = cfg.skip
     for key in ("rho_top", "rho_bottom"):
         if key in skip:
@@ -129,7 +138,11 @@ def validate(cfg) -> None:
               f"variance={cfg.variance.name} sets the reverse variance of {' and '.join(VARIANCE_SAMPLERS)}; "
               f"sampler={cfg.sampler.name} has none to set")
         validate_variance_cfg(cfg.variance)
-    if cfg.cache.name != "none":
+    if cfg.cache.name == "block":
+        from ..strategies.block_cache import validate_block_cache_cfg
+
+        validate_block_cache_cfg(cfg)
+    elif cfg.cache.name != "none":
         from ..strategies.cache import validate_cache_cfg
 
         validate_cache_cfg(cfg.cache)

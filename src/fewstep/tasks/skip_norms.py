@@ -69,26 +69,29 @@ class SkipNormRecorder:
                 for s, t, i, p in self.records]
 
 
-def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[str, Sequence]) -> List[dict]:
-    """Run `sample_fn()` once per variant with adapter.skip_hooks = variant hooks + a recorder.
+def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[str, Sequence],
+                       hooks: str = "skip_hooks", infos: str = "skips") -> List[dict]:
+    """Run `sample_fn()` once per variant with adapter.<hooks> = variant hooks + a recorder.
 
     `variants` maps a label to its list of strategy hooks ([] = plain network). The adapter's
-    own hooks are restored afterwards. Returns the rows of skip_norms.csv.
+    own hooks are restored afterwards. Returns the rows of skip_norms.csv. hooks="residual_hooks",
+    infos="residuals" measure the residual branches of transformer blocks instead (skip=residual, DiT):
+    prop_i = ||r_i|| / ||h||, branch i over the stream it is added to (depth = branch, level = block).
     """
-    if not getattr(adapter, "skips", None):
-        raise ValueError(f"skip norms need a backbone with skip connections (backbone=unet or uvit), "
-                         f"not {type(adapter).__name__}")
-    saved = adapter.skip_hooks
+    if not getattr(adapter, infos, None):
+        raise ValueError(f"skip norms need a backbone with skip connections (backbone=unet or uvit) or transformer "
+                         f"residual branches (backbone=dit), not {type(adapter).__name__}")
+    saved = getattr(adapter, hooks)
     rows: List[dict] = []
     try:
-        for label, hooks in variants.items():
+        for label, variant in variants.items():
             recorder = SkipNormRecorder()
-            adapter.skip_hooks = list(hooks) + [recorder]
+            setattr(adapter, hooks, list(variant) + [recorder])
             with torch.no_grad():
                 sample_fn()
-            rows += recorder.rows(label, adapter.skips)
+            rows += recorder.rows(label, getattr(adapter, infos))
     finally:
-        adapter.skip_hooks = saved
+        setattr(adapter, hooks, saved)
     return rows
 
 
@@ -185,16 +188,19 @@ def _measure(cfg, out: Path, hashed) -> dict:
     from .evaluate import build_variance_rule
 
     batch_size = _batch_size(cfg)
-    if cfg.backbone.name not in ("unet", "uvit"):
-        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet or uvit), "
-                         f"not backbone={cfg.backbone.name}")
+    if cfg.backbone.name not in ("unet", "uvit", "dit"):
+        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet or uvit) or "
+                         f"residual branches (backbone=dit), not backbone={cfg.backbone.name}")
+    # skip=residual (and a DiT, which has no long skips): the residual branches of the transformer blocks
+    residual = cfg.skip.name == "residual" or cfg.backbone.name == "dit"
+    hooks, infos = ("residual_hooks", "residuals") if residual else ("skip_hooks", "skips")
     device = resolve_device(cfg.get("device", "auto"))
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
     variance = build_variance_rule(cfg, model)
     ts = explicit_timesteps(cfg.sampler, variance)
     adapter = model.backbone
-    strategy = list(adapter.skip_hooks)  # what build_denoiser installed from cfg.skip
+    strategy = list(getattr(adapter, hooks))  # what build_denoiser installed from cfg.skip
 
     def sample_fn():
         noise = SampleNoise(int(cfg.seed), range(batch_size), shape, device=device)
@@ -207,7 +213,7 @@ def _measure(cfg, out: Path, hashed) -> dict:
     variants = {"plain": []}
     if strategy:
         variants[str(cfg.skip.name)] = strategy
-    rows = measure_skip_norms(adapter, sample_fn, variants)
+    rows = measure_skip_norms(adapter, sample_fn, variants, hooks, infos)
     csv_path, png_path = write_skip_norms(rows, str(out))
     result = summarize(rows)
     result.update({"batch_size": batch_size, "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps),

@@ -1,0 +1,135 @@
+"""cache=block: DeepCache for a plain stack of transformer blocks (backbone=dit).
+
+DeepCache (Ma, Fang, Wang, CVPR 2024, arXiv 2312.00858) reuses, across adjacent sampling steps, the
+high-level feature a UNet's deep path produces. A DiT has no such U-shape; what changes slowly from step to
+step is what its middle blocks add to the token stream. With blocks B_0 .. B_{L-1} and (first, last) = (m, n):
+
+    full call     h_m = B_{m-1}(...B_0(tokens(x)))   delta = B_{L-n-1}(...B_m(h_m)) - h_m   (cached)
+                  then B_{L-n} .. B_{L-1} and the head                     (= the plain forward, bit for bit)
+    partial call  h_m as above (recomputed at the new x_t, t),  h = h_m + delta_cached,
+                  then B_{L-n} .. B_{L-1} and the head
+
+so a partial call costs the m + n recomputed blocks (and the tokens and head) instead of L. Which calls are
+full is DeepCache's 1:N rule exactly (`cache.DeepCache`: uniform every N, or the non-uniform eq. 5 schedule
+with `center` and `power`; this class inherits its schedule, planning and row/batch bookkeeping, so CFG's
+doubled batch caches both rows and a call whose batch changes is full). MACs are counted per call kind
+("full", "partial@<m>+<n>").
+
+What it follows: the caching of a residual over a span of blocks is the form shared by FORA (Selvaraju et
+al. 2024, arXiv 2407.01425: reuse of attention / MLP outputs every N steps), Delta-DiT (Chen et al. 2024,
+arXiv 2406.01125: caching the deviation h_out - h_in of a span of blocks; front blocks recomputed in late
+steps) and diffusers' first-block cache (diffusers.hooks.FirstBlockCacheConfig / apply_first_block_cache,
+after ParaAttention's FBCache: recompute block 0 and reuse the residual of the rest when block 0's residual
+barely moved, an adaptive rule; here the rule is DeepCache's fixed schedule). m = 1, n = 0 is FBCache's split with a fixed schedule; n > 0 also refreshes the last blocks,
+which write the output, as DeepCache's shallow decoder layers do.
+
+U-ViT's in and out blocks are tied by long skips, so a middle span cannot be cached without its skips:
+cache=deepcache (branch m) is the U-ViT form and cache=block refuses it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional
+
+import torch
+
+from ..config import ConfigError, check
+from .cache import DeepCache, _is_int, _sdpa_math, validate_cache_cfg
+
+BLOCK_CACHE_BACKBONES = ("dit",)
+
+
+def validate_block_cache_cfg(cfg) -> None:
+    """cache=block from the config alone (tasks.validate): DeepCache's schedule keys, first / last, backbone."""
+    c = cfg.cache
+    backbone = str(cfg.backbone.name)
+    check(backbone in BLOCK_CACHE_BACKBONES,
+          f"cache=block reuses the middle of a plain stack of transformer blocks (backbone=dit); backbone={backbone} "
+          f"has none: use cache=deepcache" + (" (its branch m is the U-ViT form: the long skips tie in and out "
+                                               "blocks)" if backbone == "uvit" else ""))
+    schedule_keys = {k: c[k] for k in ("interval", "schedule", "center", "power", "compile")}
+    try:
+        validate_cache_cfg(dict(name="deepcache", branch=0, **schedule_keys))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key in ("first", "last"):
+        check(_is_int(c[key]) and int(c[key]) >= 0, f"cache.{key} must be an integer >= 0 (blocks recomputed at a "
+                                                    f"partial call); got {c[key]}")
+    if not cfg.backbone.pretrained:
+        L = int(cfg.backbone.config.num_layers)
+        check(int(c.first) + int(c.last) <= L - 1,
+              f"cache.first + cache.last must leave at least one middle block to cache: 0 <= first + last <= {L - 1} "
+              f"for backbone.config.num_layers={L} (got first={c.first}, last={c.last})")
+
+
+def require_block_forwards(backbone) -> None:
+    if not all(hasattr(backbone, a) for a in ("num_blocks", "forward_block_full", "forward_block_partial")):
+        raise ValueError(f"cache=block needs a plain stack of transformer blocks (backbone=dit); got "
+                         f"{type(backbone).__name__}: use cache=deepcache")
+
+
+class BlockCache(DeepCache):
+    """Callable cache strategy: ``cache(backbone, x, t_batch, **cond) -> (out, kind)``, kind "full" or
+    "partial@<first>+<last>"; DeepCache's schedule (`plan`, `is_full`, `reset`) and call bookkeeping."""
+
+    def __init__(self, interval: int, first: int, last: int, schedule: str = "uniform", center: Optional[int] = None,
+                 power: float = 1.4, compile: bool = False, compile_backend: str = "inductor",
+                 num_blocks: Optional[int] = None):
+        if num_blocks is not None:
+            from ..backbones.dit import check_blocks
+
+            check_blocks((first, last), num_blocks)
+        self.blocks = (int(first), int(last))
+        super().__init__(interval, 0, schedule, center, power, compile, compile_backend)
+        self.kind_partial = f"partial@{self.blocks[0]}+{self.blocks[1]}"
+
+    def __repr__(self):
+        return (f"BlockCache(interval={self.interval}, first={self.blocks[0]}, last={self.blocks[1]}, "
+                f"schedule={self.schedule}, center={self.center}, power={self.power}, compile={self.compile})")
+
+    def with_interval(self, interval: int, schedule: Optional[str] = None) -> "BlockCache":
+        """Another cache with the same blocks, its own state and schedule, sharing this one's forwards."""
+        other = BlockCache(interval, *self.blocks, schedule or self.schedule, self.center, self.power, self.compile,
+                           self.compile_backend)
+        other._fns = self._fns
+        return other
+
+    def _functions(self, backbone):
+        if self._fns is None or self._fns[0] is not backbone:
+            require_block_forwards(backbone)
+            full = functools.partial(backbone.forward_block_full, blocks=self.blocks)
+            part = functools.partial(backbone.forward_block_partial, blocks=self.blocks)
+            if self.compile:
+                full = torch.compile(full, backend=self.compile_backend)
+                part = torch.compile(part, backend=self.compile_backend)
+            self._fns = (backbone, full, part)
+        return self._fns[1], self._fns[2]
+
+    @torch.no_grad()
+    def measure_macs(self, backbone, x: torch.Tensor, t: float = 500.0, **cond) -> Dict[str, float]:
+        """MACs per sample of a full and of a partial call (FlopCounterMode FLOPs / 2 / batch, attention
+        counted through the math SDPA path), eager forwards run once each on x."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        require_block_forwards(backbone)
+        B = x.shape[0]
+        tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
+        with _sdpa_math():
+            with FlopCounterMode(display=False) as fc:
+                _, cache = backbone.forward_block_full(x, tb, blocks=self.blocks, **cond)
+            full = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc:
+                backbone.forward_block_partial(x, tb, cache, blocks=self.blocks, **cond)
+            part = fc.get_total_flops()
+        return {"full": full / 2 / B, self.kind_partial: part / 2 / B}
+
+
+def build_block_cache(cfg_cache, adapter) -> Optional[BlockCache]:
+    """A validated cfg.cache (conf/cache/block.yaml) -> a BlockCache, or None at interval 1 (every call full)."""
+    if int(cfg_cache.interval) == 1:
+        return None
+    require_block_forwards(adapter)
+    return BlockCache(interval=int(cfg_cache.interval), first=int(cfg_cache.first), last=int(cfg_cache.last),
+                      schedule=str(cfg_cache.schedule), center=cfg_cache.center, power=float(cfg_cache.power),
+                      compile=bool(cfg_cache.compile), compile_backend=str(cfg_cache.compile_backend),
+                      num_blocks=adapter.num_blocks)
