@@ -12,10 +12,12 @@ Strategies act below it: skip hooks live on the backbone adapter, a cache
 strategy (DeepCache) replaces the backbone call. The denoiser counts every
 network evaluation (NFE) and, per kind of call ("full", "partial@m"), its MACs.
 
-A condition (class labels; the sampler hands them over untouched as extra_args) goes to the backbone.
+A condition (the sampler hands it over untouched as extra_args: keyword tensors with one row per sample,
+class_labels (B,) or the prompt embeddings encoder_hidden_states (B, L, D)) goes to the backbone as it is.
 With a guidance strategy (strategies/guidance.py: classifier-free guidance) the denoiser computes the
 conditional and unconditional rows in one batched call, conditional rows first, and returns the guided
-eps. `calls` counts network calls by kind (the NFE), `rows` the rows per sample they computed (2 for a
+eps. The unconditional row's condition is `null_cond` (per key, one row broadcast to the batch: the null
+class, or the embedding of the negative / empty prompt); `null_label` k is null_cond {"class_labels": k}. `calls` counts network calls by kind (the NFE), `rows` the rows per sample they computed (2 for a
 guided call, 1 otherwise): MACs per sample = sum over kinds of rows x MACs of one row.
 
 Non-finite numbers stop a run where they appear: a call whose input x or network output is not finite
@@ -61,10 +63,14 @@ def autocast_dtype(name) -> Optional[torch.dtype]:
 
 class Denoiser(nn.Module):
     def __init__(self, backbone: nn.Module, schedule: NoiseSchedule, parameterization: str = "eps",
-                 cache=None, autocast: Optional[str] = None, guidance=None, null_label: Optional[int] = None):
+                 cache=None, autocast: Optional[str] = None, guidance=None, null_label: Optional[int] = None,
+                 null_cond: Optional[dict] = None):
         super().__init__()
-        if guidance is not None and null_label is None:
-            raise ValueError("guidance needs the null class label of the network (its unconditional row)")
+        if null_label is not None:
+            null_cond = {"class_labels": torch.tensor(int(null_label)), **(null_cond or {})}
+        if guidance is not None and not null_cond:
+            raise ValueError("guidance needs the null condition of the network (its unconditional row: the null "
+                             "class label or the negative prompt embedding)")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization '{parameterization}' (choose from {', '.join(PARAMETERIZATIONS)})")
         self.backbone = backbone
@@ -72,7 +78,7 @@ class Denoiser(nn.Module):
         self.parameterization = parameterization
         self.cache = cache
         self.autocast = autocast_dtype(autocast)
-        self.guidance, self.null_label = guidance, null_label
+        self.guidance, self.null_label, self.null_cond = guidance, null_label, dict(null_cond or {})
         self.calls: Counter = Counter()  # kind of backbone call -> number of batched calls
         self.rows: Counter = Counter()   # kind -> rows per sample computed by those calls
 
@@ -91,9 +97,10 @@ class Denoiser(nn.Module):
     def _alpha_bar(self, t: float, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(float(self.schedule.alpha_bar_at(t)), dtype=like.dtype, device=like.device)
 
-    def backbone_out(self, x: torch.Tensor, t, class_labels=None, rows: int = 1) -> torch.Tensor:
+    def backbone_out(self, x: torch.Tensor, t, class_labels=None, rows: int = 1, **cond) -> torch.Tensor:
         tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
-        cond = {} if class_labels is None else {"class_labels": class_labels}
+        if class_labels is not None:
+            cond["class_labels"] = class_labels
         with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if self.cache is not None:
                 out, kind = self.cache(self.backbone, x, tt, **cond)
@@ -103,25 +110,35 @@ class Denoiser(nn.Module):
         self.rows[kind] += rows
         return out
 
-    def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """eps_theta(x_t, t[, y]): guided when a guidance strategy is set (class_labels required then)."""
+    def null_condition(self, cond: dict) -> dict:
+        """The unconditional rows' condition for a batch with condition `cond` (same keys and shapes)."""
+        missing = [k for k in cond if k not in self.null_cond]
+        if missing:
+            raise ValueError(f"guidance has no unconditional value of {', '.join(missing)}")
+        return {k: self.null_cond[k].to(device=v.device, dtype=v.dtype).expand_as(v) for k, v in cond.items()}
+
+    def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None, **cond) -> torch.Tensor:
+        """eps_theta(x_t, t[, condition]): guided when a guidance strategy is set (a condition required then)."""
         call = f"network call {self.nfe + 1} (t = {float(t):.4g})"
         check_finite(x, f"the sample entering {call}")
+        cond = {k: v for k, v in dict(cond, class_labels=class_labels).items() if v is not None}
         rows = "cond" if self.guidance is None else self.guidance.rows_at(t)
-        if rows != "cond" and class_labels is None:
-            raise ValueError("guidance needs class_labels (the sampler's extra_args)")
+        if rows != "cond" and not cond:
+            raise ValueError("guidance needs the condition (class_labels or encoder_hidden_states: the sampler's "
+                             "extra_args)")
         if rows == "both":
-            xx, yy = torch.cat([x, x]), torch.cat([class_labels, torch.full_like(class_labels, self.null_label)])
+            null = self.null_condition(cond)
+            xx = torch.cat([x, x])
+            both = {k: torch.cat([v, null[k]]) for k, v in cond.items()}
             self.backbone.cond_rows = x.shape[0]            # skip.rows=cond scales these rows only
             try:
-                f = self.backbone_out(xx, t, yy, rows=2)
+                f = self.backbone_out(xx, t, rows=2, **both)
             finally:
                 self.backbone.cond_rows = None
             check_finite(f, f"the network output of {call}")
             eps_c, eps_u = self._to_eps(xx, t, f).chunk(2)
             return self.guidance.combine(eps_c, eps_u, x, t, self.schedule)
-        y = class_labels if rows == "cond" else torch.full_like(class_labels, self.null_label)
-        f = self.backbone_out(x, t, y)
+        f = self.backbone_out(x, t, **(cond if rows == "cond" else self.null_condition(cond)))
         check_finite(f, f"the network output of {call}")
         return self._to_eps(x, t, f)
 
