@@ -414,3 +414,22 @@ def test_dit_trains_exports_reloads_and_samples(tmp_path):
     z = torch.randn(2, 1, 8, 8)
     eps = _steps(model, z, torch.tensor([3, 7]), TS[:2])
     assert all(torch.isfinite(e).all() for e in eps) and model.rows == {"full": 4}
+
+
+def test_skip_norms_task_on_dit_records_every_branch_with_labels(tmp_path):
+    """task=skip_norms on a DiT: plain and skip=residual, one row per evaluation and residual branch; the
+    block-0 attention ratio of the residual variant is rho_0 times the plain one at the first evaluation."""
+    import csv
+
+    from fewstep.tasks import skip_norms
+
+    cfg = compose_cfg([*TINY_DIT_OVERRIDES, "task=skip_norms", "logger=none", "task.batch_size=2", "sampler=ddim",
+                       "sampler.steps=3", "skip=residual", "skip.rho_bottom=0.5"])
+    result = skip_norms.run(cfg, out_dir=str(tmp_path))
+    rows = list(csv.DictReader(open(tmp_path / "skip_norms.csv")))
+    L = 4
+    assert len(rows) == 2 * 3 * 2 * L and result["nfe/plain"] == 3 and result["nfe/residual"] == 3
+    assert sorted({int(r["depth"]) for r in rows}) == list(range(2 * L))
+    first = {(r["variant"], int(r["depth"])): float(r["prop"]) for r in rows if r["step"] == "0"}
+    assert first[("residual", 0)] == pytest.approx(0.5 * first[("plain", 0)], rel=1e-5)
+    assert (tmp_path / "skip_norms.png").exists()

@@ -24,6 +24,13 @@ evaluation. With a cache strategy (DeepCache) a partial evaluation only recomput
 skips, so only those are recorded for it. Usage:
 
     python run.py task=skip_norms sampler=ddim sampler.steps=10 skip.rho_bottom=0.7
+
+Transformers (skip=residual, and backbone=dit, which has no long skips): the same table for the residual
+branches of the blocks, prop_i = ||r_i||_2 / ||h||_2, branch r_i (after DiT's adaLN-Zero gate, after
+skip=residual's rho) over the stream h it is added to; depth = branch i (2b attention, 2b + 1 MLP of
+block b), level = block b. A conditional network samples with its labels (`labels`, as task=evaluate).
+
+    python run.py task=skip_norms backbone=dit backbone.pretrained=<folder> skip=residual skip.rho_bottom=0.8
 """
 from __future__ import annotations
 
@@ -107,8 +114,9 @@ def summarize(rows: Sequence[dict]) -> Dict[str, float]:
     return out
 
 
-def write_skip_norms(rows: Sequence[dict], out_dir: str):
-    """Write skip_norms.csv and skip_norms.png into out_dir; returns their paths."""
+def write_skip_norms(rows: Sequence[dict], out_dir: str, residual: bool = False):
+    """Write skip_norms.csv and skip_norms.png into out_dir; returns their paths. residual: the rows are
+    residual branches (depth = branch i, level = block), labelled so in the plot."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "skip_norms.csv")
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
@@ -116,11 +124,11 @@ def write_skip_norms(rows: Sequence[dict], out_dir: str):
         w.writeheader()
         w.writerows(rows)
     png_path = os.path.join(out_dir, "skip_norms.png")
-    _plot(rows, png_path)
+    _plot(rows, png_path, residual)
     return csv_path, png_path
 
 
-def _plot(rows: Sequence[dict], path: str):
+def _plot(rows: Sequence[dict], path: str, residual: bool = False):
     from matplotlib import cm
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
@@ -141,9 +149,9 @@ def _plot(rows: Sequence[dict], path: str):
             pts = sorted(series.get((v, i), []))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[vi % len(styles)], color=c,
-                        label=f"i={i} (level {level[i]})" if vi == 0 else None)
+                        label=(f"i={i} (block {level[i]})" if residual else f"i={i} (level {level[i]})") if vi == 0 else None)
     ax.set_xlabel("network evaluation (step)")
-    ax.set_ylabel(r"$\|d_i\| / \|u_i\|$")
+    ax.set_ylabel(r"$\|r_i\| / \|h\|$" if residual else r"$\|d_i\| / \|u_i\|$")
     ax.set_title(", ".join(f"{style_names[styles[vi % len(styles)]]}: {v}" for vi, v in enumerate(variants)))
     ax.legend(fontsize=7, ncol=2)
 
@@ -154,7 +162,7 @@ def _plot(rows: Sequence[dict], path: str):
                edgecolor="black", hatch=None if vi == 0 else "//")
         bx.bar([0], [0], 0, color="white", edgecolor="black", hatch=None if vi == 0 else "//", label=v)  # legend
     bx.set_xticks(depths)
-    bx.set_xlabel("skip depth i (0 = deepest)")
+    bx.set_xlabel("residual branch i (2b: attention, 2b + 1: MLP of block b)" if residual else "skip depth i (0 = deepest)")
     bx.set_ylabel("average over evaluations")
     bx.legend()
     with atomic_path(path) as tmp:
@@ -185,7 +193,7 @@ def _measure(cfg, out: Path, hashed) -> dict:
     from ..run_folder import write_result
     from ..samplers import planned_nfe, sample
     from ..samplers.noise import SampleNoise
-    from .evaluate import build_variance_rule
+    from .evaluate import build_variance_rule, conditions
 
     batch_size = _batch_size(cfg)
     if cfg.backbone.name not in ("unet", "uvit", "dit"):
@@ -208,13 +216,14 @@ def _measure(cfg, out: Path, hashed) -> dict:
         model.reset()
         if model.cache is not None and hasattr(model.cache, "plan"):
             model.cache.plan(planned_nfe(cfg.sampler, model.schedule, ts))
-        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts)
+        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts,
+                      extra_args=conditions(cfg, model, range(batch_size), device))   # a conditional network's labels
 
     variants = {"plain": []}
     if strategy:
         variants[str(cfg.skip.name)] = strategy
     rows = measure_skip_norms(adapter, sample_fn, variants, hooks, infos)
-    csv_path, png_path = write_skip_norms(rows, str(out))
+    csv_path, png_path = write_skip_norms(rows, str(out), residual)
     result = summarize(rows)
     result.update({"batch_size": batch_size, "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps),
                    "skip": cfg.skip.name, "cache": cfg.cache.name})
