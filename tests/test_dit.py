@@ -433,3 +433,21 @@ def test_skip_norms_task_on_dit_records_every_branch_with_labels(tmp_path):
     first = {(r["variant"], int(r["depth"])): float(r["prop"]) for r in rows if r["step"] == "0"}
     assert first[("residual", 0)] == pytest.approx(0.5 * first[("plain", 0)], rel=1e-5)
     assert (tmp_path / "skip_norms.png").exists()
+
+
+def test_block_cache_bench_counts_calls_and_macs_and_writes_its_files(tmp_path):
+    """make bench's block_cache on a tiny DiT: the schedule's call counts, partial MACs below full, the files."""
+    import json
+
+    from fewstep.bench import block_cache
+
+    res = block_cache.main(out_dir=str(tmp_path), layers=4, size=(1, 4), intervals=(2,), repeats=1, rounds=1,
+                           arch=dict(num_attention_heads=2, attention_head_dim=8, sample_size=8, num_embeds_ada_norm=10))
+    rows = {(r["interval"], r["first"], r["last"]): r for r in res["rows"]}
+    assert rows[(1, None, None)]["full"] == 4 and rows[(1, None, None)]["partial"] == 0
+    assert rows[(2, 1, 1)]["full"] == 2 and rows[(2, 1, 1)]["partial"] == 2
+    assert res["macs"]["partial@1+0"] < res["macs"]["partial@1+1"] < res["macs"]["full"]
+    assert rows[(2, 1, 0)]["macs_speedup"] == pytest.approx(
+        4 * res["macs"]["full"] / (2 * res["macs"]["full"] + 2 * res["macs"]["partial@1+0"]))
+    assert json.loads((tmp_path / "block_cache.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert "| 2 | 1 + 1 | 2 / 2 |" in (tmp_path / "block_cache.md").read_text()
