@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr", "quadratic", "karras")
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 def make_betas(kind: str = "linear", n: int = 1000, beta_start: float = 1e-4,
@@ -31,11 +31,15 @@ def make_betas(kind: str = "linear", n: int = 1000, beta_start: float = 1e-4,
     """DDPM betas in float64.
 
     linear: Ho et al. 2020, beta_t linear in [beta_start, beta_end].
+    scaled_linear: sqrt(beta_t) linear in [sqrt(beta_start), sqrt(beta_end)] (Stable Diffusion's, with
+            0.00085 .. 0.012; diffusers' beta_schedule="scaled_linear").
     cosine: Nichol & Dhariwal 2021, alpha_bar(t) = cos^2(((t/N + s)/(1 + s)) pi/2), s = 0.008,
             betas clipped at 0.999 (as in improved-diffusion and diffusers' squaredcos_cap_v2).
     """
     if kind == "linear":
         return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
     if kind == "cosine":
         s = 0.008
         f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
