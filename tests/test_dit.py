@@ -351,6 +351,7 @@ def test_build_denoiser_from_config_installs_the_strategies():
     (["cache=block"], "cache=block reuses the middle of a plain stack"),
     (["cache=block", "backbone=uvit"], "use cache=deepcache (its branch m is the U-ViT form"),
     (["cache=block", "cache.first=2", "cache.last=2", *TINY_DIT_OVERRIDES], "at least one middle block"),
+    (["cache=deepcache", *TINY_DIT_OVERRIDES], "backbone=dit has none: use cache=block"),
     (["cache=block", "cache.first=-1", *TINY_DIT_OVERRIDES], "cache.first must be an integer >= 0"),
     (["cache=block", "cache.schedule=cosine", *TINY_DIT_OVERRIDES], "unknown cache.schedule 'cosine'"),
     (["backbone.config.patch_size=3", *TINY_DIT_OVERRIDES], "DiT patch_size=3 must divide the image size 8"),

@@ -145,6 +145,8 @@ def validate(cfg) -> None:
     elif cfg.cache.name != "none":
         from ..strategies.cache import validate_cache_cfg
 
+        check(cfg.backbone.name != "dit", f"cache={cfg.cache.name} caches a UNet / U-ViT skip branch; backbone=dit "
+                                          f"has none: use cache=block (its middle blocks' residual)")
         validate_cache_cfg(cfg.cache)
 
 
