@@ -123,6 +123,10 @@ def build_backbone(cfg):
         if cfg.dataset.name != "gmm":
             raise ConfigError(f"backbone=gmm_exact needs dataset=gmm (got dataset={cfg.dataset.name})")
         return GMMExact(build_mixture(cfg.dataset), schedule), schedule
+    if name == "sd_unet":   # a Stable Diffusion pipeline folder: the adapter also carries its VAE and prompts
+        from .pipelines import build_sd_backbone
+
+        return build_sd_backbone(cfg)
     raise ConfigError(f"unknown backbone '{name}'")
 
 
@@ -191,7 +195,8 @@ def build_denoiser(cfg, device=None) -> Denoiser:
     guidance = build_guidance(cfg.guidance) if "guidance" in cfg else None
     return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
                     autocast=cfg.get("autocast", None), guidance=guidance,
-                    null_label=None if n_embeds is None else n_embeds - 1).to(device)
+                    null_label=None if n_embeds is None else n_embeds - 1,
+                    null_cond=getattr(backbone, "null_cond", None)).to(device)
 
 
 def explicit_timesteps(cfg_sampler, variance):
@@ -209,4 +214,8 @@ def explicit_timesteps(cfg_sampler, variance):
 def sample_shape(cfg) -> tuple:
     if cfg.dataset.name == "gmm":
         return (int(cfg.dataset.dim),)
+    if cfg.backbone.name == "sd_unet":   # the sampler's state is the latent of a dataset.image_size image
+        from .pipelines import latent_shape
+
+        return latent_shape(cfg)
     return (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))

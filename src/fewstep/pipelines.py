@@ -22,6 +22,7 @@ A hub id instead of a folder is looked up with huggingface_hub: from the local c
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -184,6 +185,8 @@ def load_pipeline(cfg_backbone, device="cpu"):
                       ("tokenizer", CLIPTokenizer)):
         try:
             kw = {} if name == "tokenizer" else {"torch_dtype": dtype}
+            if name in ("unet", "vae") and not importlib.util.find_spec("accelerate"):
+                kw["low_cpu_mem_usage"] = False   # diffusers only warns and falls back without accelerate
             parts[name] = cls.from_pretrained(str(path), subfolder=name, local_files_only=True, **kw)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -268,3 +271,124 @@ def write_tiny_pipeline(out, seed: int = 0):
 
 def prompt_list(prompts: Optional[List[str]]) -> List[str]:
     return [str(p) for p in (prompts or [])]
+
+
+# ---------------------------------------------------------------------------- fewstep's parts from the config
+class TextConditions:
+    """The per-sample condition of a text-to-image run: the embedding of prompt i mod P for sample i
+    (data/prompts.py), computed once per distinct prompt; and the negative prompt's embedding, the
+    unconditional row of guidance."""
+
+    def __init__(self, pipe: LatentPipeline, prompts: Sequence[str], negative_prompt: str):
+        self.prompts = list(prompts)
+        self.embeds = pipe.encode(self.prompts)                    # (P, L, D)
+        self.negative = pipe.encode([str(negative_prompt)])        # (1, L, D)
+
+    def __call__(self, indices: Sequence[int], device="cpu", dtype=None) -> dict:
+        from .data.prompts import prompt_indices
+
+        rows = torch.tensor(prompt_indices(indices, len(self.prompts)), dtype=torch.long)
+        e = self.embeds[rows].to(device=device)
+        return {"encoder_hidden_states": e if dtype is None else e.to(dtype)}
+
+    def prompts_of(self, indices: Sequence[int]) -> List[str]:
+        from .data.prompts import prompt_indices
+
+        return [self.prompts[j] for j in prompt_indices(indices, len(self.prompts))]
+
+
+def build_sd_backbone(cfg):
+    """backbone=sd_unet with dataset=prompts -> (SDUNetAdapter, NoiseSchedule). The adapter carries the
+    pipeline's other parts for the task: `pipeline` (VAE decode), `conditions` (TextConditions) and
+    `null_cond` (the negative prompt embedding: guidance's unconditional row)."""
+    from .backbones.sd_unet import SDUNetAdapter
+    from .build import build_schedule
+    from .data.prompts import read_prompts
+
+    unet, pipe = load_pipeline(cfg.backbone)
+    adapter = SDUNetAdapter(unet.eval())
+    conds = TextConditions(pipe, read_prompts(cfg.dataset), cfg.dataset.negative_prompt)
+    adapter.pipeline, adapter.conditions = pipe, conds
+    adapter.null_cond = {"encoder_hidden_states": conds.negative}
+    return adapter, build_schedule(cfg.backbone.schedule)
+
+
+def latent_shape(cfg) -> tuple:
+    """(latent channels, image_size / f, image_size / f) for dataset.image_size pixels, f the VAE's factor,
+    read from the pipeline folder's configs (nothing loaded)."""
+    unet = read_component_config(str(cfg.backbone.pretrained), "unet")
+    vae = read_component_config(str(cfg.backbone.pretrained), "vae")
+    f = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    size = int(cfg.dataset.image_size)
+    if size % f:
+        raise ConfigError(f"dataset.image_size={size} must be a multiple of the VAE's factor {f}")
+    return (int(unet.get("in_channels", 4)), size // f, size // f)
+
+
+def validate_text_cfg(cfg) -> None:
+    """One-line ConfigError for a text-to-image config that cannot run (from the config and the folder's
+    JSON files alone): text conditioning of an unconditional backbone, sd_unet without prompts or without
+    a pipeline folder, a folder that is not a pipeline or lacks a part, an empty prompts file, a bad dtype,
+    feature metrics (FID) without reference images."""
+    from .data.prompts import read_prompts
+
+    text_data, sd = cfg.dataset.name == "prompts", cfg.backbone.name == "sd_unet"
+    if text_data and not sd:
+        raise ConfigError(f"dataset=prompts conditions on text: backbone={cfg.backbone.name} is not a "
+                          f"text-conditional UNet (use backbone=sd_unet with a Stable Diffusion pipeline folder)")
+    if sd and not text_data:
+        raise ConfigError(f"backbone=sd_unet is text-conditional: it samples dataset=prompts (got dataset={cfg.dataset.name})")
+    if not sd:
+        return
+    torch_dtype(str(cfg.backbone.dtype))
+    if not cfg.backbone.pretrained:
+        raise ConfigError("backbone=sd_unet samples need a pipeline folder (UNet, VAE, text encoder): set "
+                          "backbone.pretrained=<folder> (a tiny random one: python -m fewstep.tools.tiny_pipeline OUT)")
+    unet = read_component_config(str(cfg.backbone.pretrained), "unet")
+    cls = unet.get("_class_name", "UNet2DConditionModel")
+    if cls != "UNet2DConditionModel" or not unet.get("cross_attention_dim"):
+        raise ConfigError(f"backbone.pretrained={cfg.backbone.pretrained}: its unet is a {cls} without cross-attention: "
+                          f"text conditioning needs a UNet2DConditionModel")
+    read_prompts(cfg.dataset)
+    latent_shape(cfg)
+    if cfg.metrics.fid:
+        raise ConfigError(f"metrics={cfg.metrics.name} compares with reference images, which dataset=prompts has "
+                          f"none of: use metrics=clip (CLIP score) or metrics=cost")
+
+
+def decode_latents(model, x: torch.Tensor):
+    """(images, seconds): the VAE decode of a latent pipeline's samples (backbone=sd_unet), timed on its own;
+    (x, 0.0) for a pixel-space backbone."""
+    import time
+
+    pipe = getattr(model.backbone, "pipeline", None)
+    if pipe is None:
+        return x, 0.0
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    images = pipe.decode(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - t0
+
+
+def decode_cost(pipe: LatentPipeline, latent: tuple, stats: dict, n: int, device) -> dict:
+    """The VAE decode's cost beside the UNet's: MACs per image (FlopCounterMode on one latent), its wall
+    time and images/s, and images/s of sampling and decoding together."""
+    from .metrics.cost import count_macs
+
+    z = torch.zeros((1,) + tuple(latent), device=pipe.vae.device, dtype=pipe.vae.dtype)
+    t = max(float(stats["decode_time"]), 1e-9)
+    return {"macs_vae_decode_per_image": float(count_macs(pipe.vae.decode, z)),
+            "vae_decode_time_s": float(stats["decode_time"]), "vae_decode_images_per_s": n / t,
+            "images_per_s_with_decode": n / max(float(stats["time"]) + float(stats["decode_time"]), 1e-9)}
+
+
+def text_run(cfg) -> dict:
+    """What a text-to-image run was conditioned and guided with, for metrics.json."""
+    out = {"prompts": str(cfg.dataset.path), "negative_prompt": str(cfg.dataset.negative_prompt),
+           "dtype": str(cfg.backbone.dtype), "guidance": str(cfg.guidance.name)}
+    if cfg.guidance.name != "none":
+        out["guidance_scale"] = float(cfg.guidance.scale)
+    return out

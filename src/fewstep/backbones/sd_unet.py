@@ -50,14 +50,19 @@ class SDUNetAdapter(UNetAdapter):
         up = 2 ** u.num_upsamplers
         if any(d % up for d in x.shape[-2:]):
             raise ValueError(f"backbone=sd_unet: the latent size {tuple(x.shape[-2:])} must be divisible by {up}")
-        emb = u.time_embedding(u.get_time_embed(sample=x, timestep=t), None)
+        emb = u.time_embedding(u.get_time_embed(sample=x.to(u.dtype), timestep=t), None)
         class_emb = u.get_class_embed(sample=x, class_labels=class_labels)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if u.config.class_embeddings_concat else emb + class_emb
         if u.time_embed_act is not None:
             emb = u.time_embed_act(emb)
-        text = u.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=None)
+        text = u.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states.to(u.dtype),
+                                               added_cond_kwargs=None)
         return TextContext(emb, text)
+
+    def encode(self, x: torch.Tensor, emb, upto: Optional[int] = None):
+        """UNetAdapter.encode in the weights' dtype (backbone.dtype fp16 / bf16: the sampler's x is float32)."""
+        return super().encode(x.to(self.unet.dtype), emb, upto)
 
     def _temb(self, ctx: TextContext):
         return ctx.emb

@@ -62,6 +62,8 @@ def validate_conditioning(cfg, n_train: int) -> None:
 
     g = cfg.get("guidance") or {"name": "none"}
     validate_guidance_cfg(g, n_train)
+    if cfg.backbone.name == "sd_unet":   # text-conditional: guidance's unconditional row is the negative prompt
+        return
     n_embeds = class_embeds(cfg.backbone)
     if g.get("name", "none") != "none":
         require_conditional(n_embeds, f"guidance={g.get('name')}")
@@ -128,6 +130,9 @@ def validate(cfg) -> None:
         check(bool(skip.get("path")), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
         load_learned(skip.path)   # the file's form and values; its model is checked when the backbone is built
     check(skip.get("rows", "both") in ("both", "cond"), f"skip.rows must be both or cond (got {skip.get('rows')})")
+    from ..pipelines import validate_text_cfg
+
+    validate_text_cfg(cfg)              # text-to-image: backbone=sd_unet with dataset=prompts
     validate_conditioning(cfg, n_train)
     check(cfg.sampler.get("timesteps", None) != "analytic_dp" or cfg.variance.name == "analytic",
           "sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs variance=analytic")

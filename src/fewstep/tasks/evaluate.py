@@ -52,6 +52,9 @@ def weights_of(cfg_backbone) -> str:
 def conditions(cfg, model, indices, device) -> dict:
     """The extra_args of these samples' model calls: their class labels (`labels`) when the network is
     class-conditional, else none."""
+    text = getattr(model.backbone, "conditions", None)
+    if text is not None:   # backbone=sd_unet: the embedding of each sample's prompt (dataset=prompts)
+        return text(indices, device)
     if model.null_label is None:
         return {}
     from ..conditions import sample_labels
@@ -73,6 +76,10 @@ def build_variance_rule(cfg, model):
 def build_metrics(cfg, device):
     from . import image_metrics
 
+    if cfg.metrics.name == "clip":   # text-to-image: CLIP score of each image against its prompt
+        from ..metrics.clip_score import ClipScore
+
+        return ClipScore(cfg.metrics.clip_model, device)
     if image_metrics(cfg):
         from ..config import user_errors
         from ..metrics import Metrics
@@ -97,7 +104,9 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
     samples (stderr)."""
     from tqdm.auto import tqdm
 
-    out, nfe, calls_total, rows_total, t_sample = [], [], {}, {}, 0.0
+    from ..pipelines import decode_latents
+
+    out, nfe, calls_total, rows_total, t_sample, t_decode = [], [], {}, {}, 0.0, 0.0
     bs = int(cfg.batch_size)
     ts = explicit_timesteps(cfg.sampler, variance)
     calls = planned_nfe(cfg.sampler, model.schedule, ts)          # what the sampler says it will make
@@ -123,14 +132,17 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
                 calls_total[k] = calls_total.get(k, 0) + v * len(idx)
             for k, v in model.rows.items():
                 rows_total[k] = rows_total.get(k, 0) + v * len(idx)
+            x, dt = decode_latents(model, x)       # latent pipelines: the VAE's images (timed on their own)
+            t_decode += dt
             x = x.float().cpu()
-            if on_batch is not None:
-                on_batch(x, cond.get("class_labels"))
+            if on_batch is not None:   # with the batch's class labels, or its prompts (text-to-image)
+                text = getattr(model.backbone, "conditions", None)
+                on_batch(x, cond.get("class_labels") if text is None else text.prompts_of(idx))
             out.append(x)
             bar.update(len(idx))
     samples = torch.cat(out) if out else torch.empty((0,) + tuple(shape))
     return samples, {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls_total, "rows": rows_total, "time": t_sample,
-                     "nfe_batches": nfe}
+                     "nfe_batches": nfe, "decode_time": t_decode}
 
 
 def print_table(metrics: dict, keys=None):
@@ -153,7 +165,7 @@ def _combine_stats(stats: list) -> dict:
         for k, v in st["rows"].items():
             rows[k] = rows.get(k, 0) + v
     return {"nfe": float(np.mean(nfe)) if nfe else 0.0, "calls": calls, "rows": rows,
-            "time": max(st["time"] for st in stats)}
+            "time": max(st["time"] for st in stats), "decode_time": max(st["decode_time"] for st in stats)}
 
 
 def evaluate_rank(dist: Dist, cfg):
@@ -208,6 +220,10 @@ def evaluate_rank(dist: Dist, cfg):
     for k, c in st["calls"].items():
         result[f"calls_{k.replace('@', '_')}"] = c / n
     result.update(quality)
+    if getattr(model.backbone, "pipeline", None) is not None:   # latent pipelines: the VAE decode's cost
+        from ..pipelines import decode_cost, text_run
+
+        result.update(decode_cost(model.backbone.pipeline, shape, st, n, device), **text_run(cfg))
     arrays = {}                                   # file name -> named arrays, written next to metrics.json
     if cfg.get("save_features", False) and metrics is not None and metrics.enabled:
         arrays[FEATURES_FILE] = {"features": metrics.fake_features.cpu().numpy().astype(np.float32),
