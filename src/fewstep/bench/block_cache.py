@@ -17,7 +17,7 @@ All variants sample in lock-step (step k of each, in rotating order, then step k
 of its own steps and keeping each step's fastest repeat, so the ratios are measured side by side under the
 same machine load. Per-call times (fastest of interleaved single calls) price the same runs again.
 
-Run:  python -m fewstep.bench.block_cache [--quick] [--layers 8] [--size 1x20]
+Run:  python -m fewstep.bench.block_cache [--quick] [--layers 8] [--size 1x20] [--render]
 It writes experiments/bench/block_cache.md and block_cache.json.
 """
 from __future__ import annotations
@@ -219,6 +219,13 @@ def main(out_dir: str = "experiments/bench", quick: bool = False, layers: Option
     return res
 
 
+def render(out_dir: str = "experiments/bench"):
+    """(Re)write block_cache.md from block_cache.json, no measurement."""
+    out = Path(out_dir)
+    res = json.loads((out / "block_cache.json").read_text())
+    write_markdown(res, out / "block_cache.md", res["machine"], res["note"], res["command"], res["total_s"])
+
+
 def _cli():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default="experiments/bench")
@@ -227,13 +234,17 @@ def _cli():
     p.add_argument("--size", default=None, metavar="BATCHxSTEPS", help="e.g. 1x20")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--note", default="")
+    p.add_argument("--note", default="", help="free text written under the machine line")
+    p.add_argument("--render", action="store_true", help="only rewrite block_cache.md from block_cache.json")
     a = p.parse_args()
     size = None if a.size is None else tuple(int(v) for v in a.size.lower().split("x"))
+    if a.render:
+        return render(a.out_dir)
+    import shlex
     import sys
 
     main(a.out_dir, a.quick, a.layers, size, repeats=a.repeats, rounds=a.rounds, note=a.note,
-         command="python -m fewstep.bench.block_cache " + " ".join(sys.argv[1:]))
+         command=shlex.join(["python", "-m", "fewstep.bench.block_cache", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
