@@ -262,8 +262,8 @@ def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: O
         if samples.shape[1] == 2:
             from ..data import build_mixture
 
-            images["samples"] = save_points_plot(samples, out / "samples.png",
-                                                 reference=build_mixture(cfg.dataset).sample(2000))
+            reference = build_mixture(cfg.dataset).sample(2000, generator=torch.Generator().manual_seed(0))  # same every run
+            images["samples"] = save_points_plot(samples, out / "samples.png", reference=reference)
     else:
         images["samples"] = save_grid(samples[: int(cfg.task.get("grid_size", 64))], out / "samples.png")
         if cfg.get("save_samples", False):
