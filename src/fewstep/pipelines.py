@@ -60,7 +60,9 @@ def pipeline_folder(pretrained: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(pretrained), allow_patterns=["model_index.json"] + [f"{c}/*" for c in COMPONENTS]))
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        return Path(snapshot_download(str(pretrained), local_files_only=offline,
+                                      allow_patterns=["model_index.json"] + [f"{c}/*" for c in COMPONENTS]))
     except Exception:
         raise ConfigError(f"backbone.pretrained={pretrained}: hub id not in the local cache and not reachable (offline: "
                           f"HF_HUB_OFFLINE=1); download it where there is internet (huggingface-cli download "
