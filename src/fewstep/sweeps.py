@@ -56,6 +56,17 @@ def sweep_jobs(sweep_dir: Path) -> Optional[List[str]]:
     return sorted(jobs, key=lambda n: (jobs[n], n))
 
 
+def record_job(sweep_dir: Path, num: int, out: Path) -> None:
+    """Append job `num` (its folder `out`, inside sweep_dir) to the sweep's job list (SWEEP_JOBS_FILE): done by
+    every job that ends (SweepSummary.on_job_end) and by a launcher for a job it skips as already finished."""
+    line = f"{int(num)}\t{Path(out).relative_to(sweep_dir).as_posix()}\n".encode()
+    fd = os.open(Path(sweep_dir) / SWEEP_JOBS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)               # one short O_APPEND write: jobs in parallel do not interleave
+    finally:
+        os.close(fd)
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -103,13 +114,7 @@ class SweepSummary(Callback):
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if not sweep_dir.is_absolute():   # relative to where the sweep was started (hydra.job.chdir may move)
                 sweep_dir = Path(str(config.hydra.runtime.cwd)) / sweep_dir
-            sweep_dir = sweep_dir.resolve()
-            line = f"{int(config.hydra.job.num)}\t{out.relative_to(sweep_dir).as_posix()}\n".encode()
-            fd = os.open(sweep_dir / SWEEP_JOBS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)               # one short O_APPEND write: jobs in parallel do not interleave
-            finally:
-                os.close(fd)
+            record_job(sweep_dir.resolve(), int(config.hydra.job.num), out)
         except Exception as e:  # the summary then falls back to every job folder
             warn(f"sweep job list not updated ({_one_line(e)})")
 

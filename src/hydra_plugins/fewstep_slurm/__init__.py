@@ -1,0 +1,1 @@
+"""fewstep's Hydra launcher plugin (hydra/launcher=submitit_slurm): see fewstep.slurm."""
