@@ -38,6 +38,16 @@ def _adapter():
     return UNetAdapter(make_tiny_unet())
 
 
+def _dit_adapter():
+    """skip=residual and cache=block act on transformer blocks: a tiny DiT."""
+    from diffusers import DiTTransformer2DModel
+
+    from fewstep.backbones.dit import DiTAdapter
+
+    return DiTAdapter(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=3,
+                                            sample_size=8, num_embeds_ada_norm=3))
+
+
 @pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
 def test_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}"] + PAIRED.get((group, option), [])
@@ -70,12 +80,22 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "skip":
         from fewstep.strategies.skip import build_skip
 
-        hooks = build_skip(cfg.skip, _adapter())
+        if option == "residual":
+            from fewstep.strategies.residual import build_residual
+
+            hooks = build_residual(cfg.skip, _dit_adapter())
+        else:
+            hooks = build_skip(cfg.skip, _adapter())
         assert isinstance(hooks, list)
     elif group == "cache":
         from fewstep.strategies.cache import build_cache, validate_cache_cfg
 
-        if option != "none":
+        if option == "block":
+            from fewstep.strategies.block_cache import build_block_cache, validate_block_cache_cfg
+
+            validate_block_cache_cfg(compose_cfg(["cache=block", "backbone=dit"]))
+            assert build_block_cache(cfg.cache, _dit_adapter()) is not None
+        elif option != "none":
             validate_cache_cfg(cfg.cache)
             assert build_cache(cfg.cache, _adapter()) is not None or int(cfg.cache.interval) == 1
     elif group == "variance":

@@ -196,8 +196,8 @@ def _measure(cfg, out: Path, hashed) -> dict:
     from .evaluate import build_variance_rule, conditions
 
     batch_size = _batch_size(cfg)
-    if cfg.backbone.name not in ("unet", "uvit", "dit"):
-        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet or uvit) or "
+    if cfg.backbone.name not in ("unet", "sd_unet", "uvit", "dit"):
+        raise ValueError(f"task=skip_norms needs a backbone with skip connections (backbone=unet, sd_unet or uvit) or "
                          f"residual branches (backbone=dit), not backbone={cfg.backbone.name}")
     # skip=residual (and a DiT, which has no long skips): the residual branches of the transformer blocks
     residual = cfg.skip.name == "residual" or cfg.backbone.name == "dit"

@@ -133,10 +133,10 @@ class Checkpointed(nn.Module):
         self.model = model
         self.schedule = model.schedule
 
-    def forward(self, x, t):
+    def forward(self, x, t, **extra):
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(self.model, x, t, use_reentrant=False)
+        return checkpoint(self.model, x, t, use_reentrant=False, **extra)
 
     def reset(self):
         self.model.reset()
@@ -163,11 +163,19 @@ def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torc
     from the cache file of this key when there is one (written otherwise; task.teacher_cache=false: never)."""
     from ..identity import schedule_id
 
+    from ..conditions import condition_digest
+    from .evaluate import conditions
+
     t = cfg.task
     scfg = teacher_sampler_cfg(cfg)
+    cond_of = lambda idx: conditions(cfg, model, idx, device)   # noqa: E731  (labels / prompt embeddings)
     key = dict(model_id=mid, schedule_id=schedule_id(model.schedule), sampler=OmegaConf.to_container(scfg),
                seed=int(t.seed), n=int(len(indices)), first=int(indices[0]), shape=list(shape),
                parameterization=model.parameterization)
+    if cond_of(indices[:1]):   # a conditional network: the targets depend on the conditions and the guidance
+        from ..strategies.guidance import guidance_key
+
+        key.update(condition=condition_digest(cond_of(indices)), guidance=guidance_key(cfg.guidance))
     use_cache = bool(t.get("teacher_cache", True))
     path = Path(str(t.cache_dir)) / f"teacher_{mid}_{scfg.name}{scfg.steps}_s{t.seed}_n{len(indices)}_{_hash(key)}"
     path, legacy = path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".pt")
@@ -186,7 +194,7 @@ def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torc
         idx = indices[lo: lo + bs]
         noise = SampleNoise(int(t.seed), idx, shape, device=device)
         model.reset()
-        out.append(sample(scfg, model, noise(), noise, model.schedule).float().cpu())
+        out.append(sample(scfg, model, noise(), noise, model.schedule, extra_args=cond_of(idx)).float().cpu())
     x0 = torch.cat(out)
     if use_cache:
         save_tensors(path, {"x0": x0}, TEACHER_KIND, {"key": key})
@@ -231,7 +239,8 @@ class RhoTuner(L.LightningModule):
     """LightningModule whose only parameters are the skip factors (SkipScales); backbone and feature net frozen."""
 
     def __init__(self, model, cfg_sampler, init: torch.Tensor, rho_max: float, table_t=None, objective="trajectory",
-                 feature_net=None, lr: float = 0.05, grad_checkpointing: bool = False, seed: int = 0, levels=None):
+                 feature_net=None, lr: float = 0.05, grad_checkpointing: bool = False, seed: int = 0, levels=None,
+                 conditions=None):
         super().__init__()
         from ..strategies.skip import ScaleSkips
 
@@ -248,6 +257,7 @@ class RhoTuner(L.LightningModule):
         self.seed = int(seed)
         self.levels = list(levels) if levels is not None else [0] * init.shape[-1]
         self.history: List[float] = []
+        self.conditions = conditions or (lambda idx: {})   # indices -> the extra_args of a conditional network
 
     def train(self, mode: bool = True):  # the frozen networks stay in eval mode (dropout, batch norm)
         super().train(mode)
@@ -265,7 +275,7 @@ class RhoTuner(L.LightningModule):
         net = Checkpointed(self.model) if self.grad_checkpointing and torch.is_grad_enabled() else self.model
         self.model.reset()
         noise = SampleNoise(self.seed, indices, z.shape[1:], device=z.device)
-        return sample(self.cfg_sampler, net, z, noise, self.model.schedule)
+        return sample(self.cfg_sampler, net, z, noise, self.model.schedule, extra_args=self.conditions(indices))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.objective == "trajectory" else self.feature_net.features(x)
@@ -338,6 +348,7 @@ def fit(cfg, out: Path, hashed=None):
     from ..identity import model_id
     from ..loggers import finish_loggers, make_loggers
     from ..strategies.skip import save_learned_rho
+    from .evaluate import conditions
 
     validate_tune_cfg(cfg)
     t = cfg.task
@@ -374,7 +385,8 @@ def fit(cfg, out: Path, hashed=None):
     val = (indices[n_train:], z[n_train:], target[n_train:])
 
     tuner = RhoTuner(model, cfg.sampler, init, float(t.rho_max), table_t, t.objective, feature_net, float(t.lr),
-                     bool(t.get("grad_checkpointing", False)), int(t.seed), levels).to(device)
+                     bool(t.get("grad_checkpointing", False)), int(t.seed), levels,
+                     conditions=lambda idx: conditions(cfg, model, idx, device)).to(device)
     eval_sets = {"train": _loader(*train, t.batch_size, False, 0)}
     if n_val:
         eval_sets["val"] = _loader(*val, t.batch_size, False, 0)
