@@ -23,6 +23,9 @@ after ParaAttention's FBCache: recompute block 0 and reuse the residual of the r
 barely moved, an adaptive rule; here the rule is DeepCache's fixed schedule). m = 1, n = 0 is FBCache's split with a fixed schedule; n > 0 also refreshes the last blocks,
 which write the output, as DeepCache's shallow decoder layers do.
 
+Residual hooks (skip=residual) act at full and partial calls alike; at a partial call those of the middle
+blocks are baked into the cached residual, as DeepCache bakes the skip hooks of its skipped deep layers.
+
 U-ViT's in and out blocks are tied by long skips, so a middle span cannot be cached without its skips:
 cache=deepcache (branch m) is the U-ViT form and cache=block refuses it.
 """
