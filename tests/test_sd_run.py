@@ -153,3 +153,26 @@ def test_bad_text_to_image_input_is_one_line_and_exit_2(case, folder, prompts, t
     lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
     assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
     assert "Traceback" not in err and not list(out.rglob("metrics.json*"))
+
+
+def test_skip_norms_tune_rho_and_learned_rho_on_sd_unet(folder, prompts, tmp_path, monkeypatch):
+    """task=skip_norms and task=tune_rho run on the text-conditional UNet unchanged (with the prompts' embeddings
+    and CFG), and the learned rho file drives skip=learned."""
+    from fewstep.tasks import dispatch
+
+    base = sd_overrides(folder, prompts, "guidance=cfg", "guidance.scale=7.5", "metrics=cost", "sampler=ddim",
+                        "sampler.steps=3", "n_samples=2", "batch_size=2")
+    monkeypatch.chdir(tmp_path)
+    norms = dispatch(compose_cfg(base + ["task=skip_norms", "skip.rho_bottom=0.7"]))
+    assert (tmp_path / "skip_norms.csv").exists() and norms["skip"] == "linear"
+    (tmp_path / "t").mkdir()
+    monkeypatch.chdir(tmp_path / "t")
+    dispatch(compose_cfg(base + ["task=tune_rho", "task.teacher_steps=6", "task.n_train=2", "task.n_val=0",
+                                 "task.batch_size=2", "task.max_steps=2", "task.teacher_cache=false",
+                                 "task.progress=false"]))
+    rho = tmp_path / "t" / "rho.yaml"
+    assert rho.exists()
+    (tmp_path / "e").mkdir()
+    monkeypatch.chdir(tmp_path / "e")
+    r = dispatch(compose_cfg(base + ["skip=learned", f"skip.path={rho}"]))
+    assert r["skip"] == "learned" and r["nfe"] == 3

@@ -52,3 +52,16 @@ def sample_labels(rule, seed: int, indices: Sequence[int], num_classes: int, dev
     else:
         y = [int(rule)] * len(idx)
     return torch.tensor(y, dtype=torch.long, device=device)
+
+
+def condition_digest(cond: dict) -> str:
+    """sha256 (16 hex digits) of a batch's condition tensors ({} -> the digest of nothing): what a file made
+    under that condition (tune_rho's teacher targets) is keyed by."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(cond):
+        t = cond[k].detach().cpu().contiguous()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update((t if t.dtype in (torch.int64, torch.float32) else t.float()).numpy().tobytes())
+    return h.hexdigest()[:16]
