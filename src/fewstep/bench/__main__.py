@@ -2,7 +2,7 @@
 import argparse
 import importlib
 
-BENCHES = ("samplers", "deepcache", "block_cache", "precision", "batch")
+BENCHES = ("samplers", "deepcache", "sd_deepcache", "block_cache", "precision", "batch")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -100,6 +100,27 @@ def load_model(name: str):
     return UNet2DModel(**ARCHS[name]).eval(), "random weights"
 
 
+class Conditioned:
+    """A Denoiser with a fixed condition (class_labels=..., encoder_hidden_states=...), callable as model(x, t):
+    what the lock-step runner and the per-call timers call."""
+
+    def __init__(self, model: Denoiser, **cond):
+        self.model, self.cond, self.cache = model, cond, model.cache
+
+    def reset(self):
+        self.model.reset()
+
+    def __call__(self, x, t):
+        return self.model(x, t, **self.cond)
+
+    def x0(self, x, t, eps):
+        return self.model.x0(x, t, eps)
+
+    @property
+    def calls(self):
+        return self.model.calls
+
+
 def lockstep_ddim(models: Dict[tuple, Denoiser], z: torch.Tensor, ts, schedule, device):
     """DDIM (eta = 0) for every variant at once, interleaved step by step (the order rotates each step).
 
