@@ -1,7 +1,7 @@
 """Latent text-to-image pipelines: a diffusers StableDiffusionPipeline folder as fewstep's parts.
 
 `backbone=sd_unet backbone.pretrained=<folder>` reads the folder that
-``StableDiffusionPipeline.save_pretrained`` writes (or ``huggingface-cli download`` fetches):
+``StableDiffusionPipeline.save_pretrained`` writes (or ``hf download`` fetches):
 
     model_index.json
     unet/           UNet2DConditionModel       -> the backbone (backbones/sd_unet.py: SDUNetAdapter)
@@ -65,7 +65,7 @@ def pipeline_folder(pretrained: str) -> Path:
                                       allow_patterns=["model_index.json"] + [f"{c}/*" for c in COMPONENTS]))
     except Exception:
         raise ConfigError(f"backbone.pretrained={pretrained}: hub id not in the local cache and not reachable (offline: "
-                          f"HF_HUB_OFFLINE=1); download it where there is internet (huggingface-cli download "
+                          f"HF_HUB_OFFLINE=1); download it where there is internet (hf download "
                           f"{pretrained}) and pass backbone.pretrained=/local/folder") from None
 
 

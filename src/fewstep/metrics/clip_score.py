@@ -17,7 +17,7 @@ def check_clip_model(path) -> Path:
     """The CLIP model folder of metrics.clip_model, or a one-line ConfigError."""
     if not path:
         raise ConfigError("metrics=clip needs metrics.clip_model=<a local CLIP model folder> (CLIPModel + CLIPProcessor "
-                          "save_pretrained, e.g. huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR)")
+                          "save_pretrained, e.g. hf download openai/clip-vit-large-patch14 --local-dir DIR)")
     p = Path(str(path)).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(f"metrics.clip_model={path}: not a CLIP model folder (no config.json)")
