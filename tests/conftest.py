@@ -58,12 +58,23 @@ def model(mixture, schedule):
 
 
 def compose_cfg(overrides=()):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """The config `python run.py <overrides>` sees, unresolved as Hydra hands it to a job (fewstep.config.compose)."""
+    from fewstep.config import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(list(overrides), resolve=False)
+
+
+def group_cfg(name: str, values: dict):
+    """conf/<name>/<values["name"]>.yaml with `values` on top (fewstep.config.group): every key the YAML has, so
+    a test states only what it is about. A name without a YAML (to test its refusal) starts from the group's
+    first option."""
+    from fewstep.config import group
+
+    values = dict(values)
+    option = values["name"]
+    if not (CONF / name / f"{option}.yaml").is_file():
+        option = sorted(f.stem for f in (CONF / name).glob("*.yaml"))[0]
+    return group(name, option, **values)
 
 
 @pytest.fixture
@@ -96,3 +107,29 @@ def no_model_building(monkeypatch):
         for name in ("build_denoiser", "build_backbone"):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, boom)
+
+
+def assert_one_line_error(cfg, out, capsys, words: str) -> None:
+    """dispatch(cfg) run in the empty folder `out` (the cwd) stops with exit 2 and exactly one line
+    `fewstep: error: ...` containing `words`, no traceback and no metrics.json."""
+    from fewstep.tasks import dispatch
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dispatch(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not list(out.rglob("metrics.json*"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny random Stable-Diffusion-type pipeline folder (python -m fewstep.tools.tiny_pipeline), once a session."""
+    from fewstep.pipelines import write_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_sd")
+    write_tiny_pipeline(out, seed=0)
+    return out

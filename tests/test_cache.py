@@ -10,6 +10,7 @@ from conftest import make_tiny_unet
 from torch.utils.flop_counter import FlopCounterMode
 
 from fewstep.backbones.unet import UNetAdapter
+from fewstep.config import group
 from fewstep.denoiser import Denoiser
 from fewstep.samplers.ddim import sample_ddim
 from fewstep.schedule import NoiseSchedule, select_timesteps
@@ -146,8 +147,8 @@ def test_partial_step_equals_hand_run_of_diffusers_blocks(unet, adapter, m):
 def test_interval_one_is_identical_to_no_cache(adapter):
     sched = NoiseSchedule.from_config()
     ts = select_timesteps(sched, 6, "leading")
-    assert build_cache({"name": "deepcache", "interval": 1, "branch": 0}, adapter) is None
-    assert build_cache({"name": "none"}, adapter) is None
+    assert build_cache(group("cache", "deepcache", interval=1, branch=0), adapter) is None
+    assert build_cache(group("cache", "none"), adapter) is None
     plain = Denoiser(adapter, sched)
     cached = Denoiser(adapter, sched, cache=DeepCache(interval=1, branch=0))
     with torch.no_grad():
@@ -252,7 +253,7 @@ def test_nonuniform_needs_a_plan(adapter):
     (dict(name="fastcache"), r"choose from none, deepcache"),
 ])
 def test_invalid_params(cfg, match):
-    full = {"name": "deepcache", "interval": 3, "branch": 0, "schedule": "uniform", **cfg}
+    full = group("cache", "deepcache", **cfg)           # every other key as conf/cache/deepcache.yaml has it
     with pytest.raises(ValueError, match=match):
         validate_cache_cfg(full)
 
@@ -260,8 +261,8 @@ def test_invalid_params(cfg, match):
 def test_branch_out_of_range_for_the_model(adapter):
     assert adapter.num_skips == 6
     with pytest.raises(ValueError, match=r"branch must be in 0\.\.5 for this UNet"):
-        build_cache({"name": "deepcache", "interval": 3, "branch": 6}, adapter)
-    assert build_cache({"name": "deepcache", "interval": 3, "branch": 5}, adapter).branch == 5
+        build_cache(group("cache", "deepcache", interval=3, branch=6), adapter)
+    assert build_cache(group("cache", "deepcache", interval=3, branch=5), adapter).branch == 5
 
 
 def test_build_from_the_config_group(compose, adapter):
@@ -336,7 +337,7 @@ def _compiled_vs_eager(backend):
     """Eager vs compiled DeepCache, with Skip-Tuning hooks on the adapter (they are traced into both graphs)."""
     from fewstep.strategies.skip import build_skip
     adapter = UNetAdapter(_tiny_unet8())
-    adapter.skip_hooks.extend(build_skip({"name": "linear", "rho_top": 1.0, "rho_bottom": 0.7}, adapter))
+    adapter.skip_hooks.extend(build_skip(group("skip", "linear", rho_top=1.0, rho_bottom=0.7), adapter))
     assert adapter.skip_hooks
     eager, comp = DeepCache(interval=2, branch=1), DeepCache(interval=2, branch=1, compile=True, compile_backend=backend)
     with torch.no_grad():

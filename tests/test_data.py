@@ -208,7 +208,9 @@ def test_gmm_train_and_test_are_different_fixed_draws():
 
 def test_bad_config_is_one_clear_value_error():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
-        load_dataset({"name": "imagenet"})
+        bad = cfg("digits")
+        bad.name = "imagenet"
+        load_dataset(bad)
     with pytest.raises(ValueError, match="choose from train, test"):
         load_dataset(cfg("digits"), "val")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):

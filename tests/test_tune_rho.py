@@ -148,12 +148,12 @@ def test_shipped_rho_file_loads_on_the_shipped_model():
 def test_probe_timesteps_are_the_ones_the_network_is_called_at(sampler, model, schedule):
     """The per-step rho table is keyed by the sampler's timesteps: the probe (a stand-in model, no network
     call) finds exactly the distinct timesteps a real run calls the network at."""
-    from omegaconf import OmegaConf
+    from conftest import group_cfg
 
     from fewstep.samplers import sample
     from fewstep.tasks.tune_rho import probe_timesteps
 
-    cfg = OmegaConf.create(sampler)
+    cfg = group_cfg("sampler", sampler)
     called = []
 
     def spy(x, t, **extra):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from fewstep.config import group
 from fewstep.backbones.uvit import UViT, UViTAdapter, batch_timesteps
 from fewstep.denoiser import Denoiser
 from fewstep.schedule import NoiseSchedule
@@ -132,10 +133,10 @@ def test_hooks_see_the_long_skips_deepest_first(uvit, adapter):
 
 def test_skip_tuning_scales_the_long_skips(uvit, adapter):
     x, t = _x(3), _t(900, 400, 50)
-    hooks = build_skip({"name": "linear", "rho_top": 1.0, "rho_bottom": 0.4}, adapter)
+    hooks = build_skip(group("skip", "linear", rho_top=1.0, rho_bottom=0.4), adapter)
     rho = hooks[0].scales
     assert rho == pytest.approx([0.4, 0.7, 1.0])   # k = 2: rho_i = 0.4 + i (1 - 0.4) / 2, i = 0 deepest
-    assert build_skip({"name": "linear", "rho_bottom": 1.0}, adapter) == []
+    assert build_skip(group("skip", "linear", rho_bottom=1.0), adapter) == []
     adapter.skip_hooks = hooks
     try:
         with torch.no_grad():
@@ -156,7 +157,7 @@ def test_skip_tuning_scales_the_long_skips(uvit, adapter):
 
 def test_freeu_is_refused_on_token_skips(adapter):
     with pytest.raises(ValueError, match="skip=freeu acts on the feature maps of a UNet decoder.*use skip=linear"):
-        build_skip({"name": "freeu", "b1": 1.2}, adapter)
+        build_skip(group("skip", "freeu", b1=1.2), adapter)
 
 
 def test_skip_norms_on_uvit(adapter):
@@ -171,7 +172,7 @@ def test_skip_norms_on_uvit(adapter):
         return x
 
     rows = measure_skip_norms(adapter, sample_fn, {"plain": [], "linear": build_skip(
-        {"name": "linear", "rho_bottom": 0.5}, adapter)})
+        group("skip", "linear", rho_bottom=0.5), adapter)})
     p = {(r["variant"], r["step"], r["depth"]): r["prop"] for r in rows}
     assert len(rows) == 2 * 2 * adapter.num_skips and all(r["level"] == 0 for r in rows)
     assert p[("linear", 0, 0)] == pytest.approx(0.5 * p[("plain", 0, 0)], rel=1e-6)
@@ -218,8 +219,8 @@ def test_deepcache_sampling_on_uvit(adapter):
 
     sched = NoiseSchedule.from_config()
     ts = select_timesteps(sched, 6, "leading")
-    assert build_cache({"name": "deepcache", "interval": 1}, adapter) is None
-    cache = build_cache({"name": "deepcache", "interval": 3, "branch": 1}, adapter)
+    assert build_cache(group("cache", "deepcache", interval=1), adapter) is None
+    cache = build_cache(group("cache", "deepcache", interval=3, branch=1), adapter)
     plain, cached = Denoiser(adapter, sched), Denoiser(adapter, sched, cache=cache)
     with torch.no_grad():
         a = sample_ddim(plain, _x(8), ts, sched)
@@ -227,7 +228,7 @@ def test_deepcache_sampling_on_uvit(adapter):
     assert cached.calls == Counter({"full": 2, "partial@1": 4})
     assert torch.isfinite(b).all() and 0 < (a - b).abs().max() < a.abs().max()
     with pytest.raises(ValueError, match="branch"):
-        build_cache({"name": "deepcache", "interval": 2, "branch": 3}, adapter)
+        build_cache(group("cache", "deepcache", interval=2, branch=3), adapter)
 
 
 # ---------------------------------------------------------------------------- config, pretrained, CLI

@@ -94,8 +94,8 @@ def new_network(name: str, config: dict):
 def build_network(cfg_backbone):
     """The plain network of cfg.backbone: loaded from `pretrained`, else built from `config`."""
     name = str(cfg_backbone.name)
-    if cfg_backbone.get("pretrained"):
-        return load_pretrained(cfg_backbone.pretrained, cfg_backbone.get("subfolder"), name)
+    if cfg_backbone.pretrained:
+        return load_pretrained(cfg_backbone.pretrained, cfg_backbone.subfolder, name)
     warn(f"backbone={name} has no backbone.pretrained: sampling a randomly initialised network")
     return new_network(name, cfg_backbone.config)
 
@@ -160,13 +160,13 @@ def class_embeds(cfg_backbone) -> int | None:
     name = str(cfg_backbone.name)
     if name not in CLASS_EMBEDS:
         return None
-    if cfg_backbone.get("pretrained"):
+    if cfg_backbone.pretrained:
         import json
 
-        path = Path(os.path.expanduser(str(cfg_backbone.pretrained))) / (cfg_backbone.get("subfolder") or "") / "config.json"
+        path = Path(os.path.expanduser(str(cfg_backbone.pretrained))) / (cfg_backbone.subfolder or "") / "config.json"
         conf = json.loads(path.read_text()) if path.exists() else {}
     else:
-        conf = cfg_backbone.get("config") or {}
+        conf = cfg_backbone.config
     return class_embeds_of(name, conf)
 
 
@@ -174,9 +174,10 @@ CLASS_EMBEDS = {"unet": "num_class_embeds", "uvit": "num_classes", "dit": "num_e
 NULL_ROW_ADDED = {"dit": 1}   # DiT's key counts the classes only: its label table adds the null class itself
 
 
-def class_embeds_of(name: str, config) -> int | None:
-    """The class-embedding count in a network config of backbone `name` (None: unconditional)."""
-    n = (config or {}).get(CLASS_EMBEDS.get(name, ""), None)
+def class_embeds_of(name: str, net_config) -> int | None:
+    """The class-embedding count in a network's own config (its config.json, or backbone.config) of backbone
+    `name` (None: unconditional; an older config.json may lack the key)."""
+    n = (net_config or {}).get(CLASS_EMBEDS.get(name, ""), None)
     return int(n) + NULL_ROW_ADDED.get(name, 0) if n else None
 
 
@@ -185,16 +186,16 @@ def build_denoiser(cfg, device=None) -> Denoiser:
     cache branch it lacks, a rho file of another model, an unreadable checkpoint) is a ConfigError."""
     from .strategies.guidance import build_guidance
 
-    device = device or resolve_device(cfg.get("device", "auto"))
+    device = device or resolve_device(cfg.device)
     with user_errors():
         backbone, schedule = build_backbone(cfg)
         backbone.requires_grad_(False)
         cache = install_strategies(cfg, backbone)
     # the built network's own config decides (validation read it from the config beforehand, best effort)
     n_embeds = class_embeds_of(str(cfg.backbone.name), dict(getattr(backbone, "config", None) or {}))
-    guidance = build_guidance(cfg.guidance) if "guidance" in cfg else None
+    guidance = build_guidance(cfg.guidance)
     return Denoiser(backbone, schedule, cfg.backbone.parameterization, cache=cache,
-                    autocast=cfg.get("autocast", None), guidance=guidance,
+                    autocast=cfg.autocast, guidance=guidance,
                     null_label=None if n_embeds is None else n_embeds - 1,
                     null_cond=getattr(backbone, "null_cond", None)).to(device)
 
@@ -203,7 +204,9 @@ def explicit_timesteps(cfg_sampler, variance):
     """The trajectory a task hands its sampler when the config names one made outside it:
     timesteps=analytic_dp -> the Analytic-DPM rule's dynamic programme (variance.dp_timesteps); else None
     (the sampler lays out its own spacing)."""
-    if cfg_sampler.get("timesteps", None) != "analytic_dp":
+    from .samplers import names_analytic_dp
+
+    if not names_analytic_dp(cfg_sampler):
         return None
     if not hasattr(variance, "dp_timesteps"):
         raise ConfigError("sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs "

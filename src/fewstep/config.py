@@ -1,12 +1,22 @@
-"""Config helpers: the `${repo:...}` resolver and up-front validation of user input."""
+"""Config helpers: the `${repo:...}` resolver, the conf/ tree for Python use (`compose`, `group`) and
+up-front validation of user input.
+
+One source for every default: the YAML group files under conf/ (what `python run.py --cfg job` prints).
+Code reads config keys strictly (`cfg.key`, struct mode: a key the YAML lacks raises, it never silently
+defaults); tests, notebooks and benchmarks get their configs from the same files through `compose` / `group`.
+"""
 from __future__ import annotations
 
+import copy
+import functools
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
 
 
 def repo_path(rel: str = "") -> str:
@@ -44,12 +54,45 @@ def check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def option(cfg, key: str, default):
-    """cfg.key with a default, for DictConfig / dict / None alike (a null value gives the default too)."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
+@functools.lru_cache(maxsize=64)
+def _composed(overrides: tuple, config_name: str, resolve: bool) -> DictConfig:
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None     # composing from inside a running Hydra app
+    gh.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+    if resolve:
+        OmegaConf.resolve(cfg)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config", resolve: bool = True) -> DictConfig:
+    """The config `python run.py <overrides>` sees (Hydra's compose API on the repo's conf/), without the
+    hydra node; resolved (no interpolations left) unless resolve=False, struct mode on (reading or setting a
+    key the YAML lacks raises)."""
+    return copy.deepcopy(_composed(tuple(overrides), config_name, bool(resolve)))
+
+
+def group(name: str, option: str, /, *, context: Sequence[str] = (), **values) -> DictConfig:
+    """One config group option as run.py composes it, e.g. `group("cache", "deepcache", interval=5)`:
+    conf/<name>/<option>.yaml (its defaults list and interpolations resolved against the default config,
+    or against `context` overrides such as ["sampler=ddpm"]), with `values` set on top. A value for a key
+    the YAML lacks raises (struct mode). `name` and `option` are positional: `values` may set a key `name`."""
+    cfg = compose([f"{name}={option}", *context], resolve=False)
+    node = OmegaConf.create(OmegaConf.to_container(cfg[name], resolve=True))   # resolved against the whole config
+    OmegaConf.set_struct(node, True)
+    for key, value in values.items():
+        node[key] = value
+    return node
 
 
 @contextmanager

@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 from .fileio import atomic_path
 from .run_folder import output_dir
 
-WANDB_INIT_TIMEOUT_S = 20.0   # wandb's default is 90 s (and it retries): a run without network waits this long
 WANDB_KEYLESS_MODES = ("offline", "dryrun", "disabled")
 
 
@@ -39,8 +38,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def wandb_mode(cfg_logger) -> str:
-    """WANDB_MODE in the environment wins over logger.mode (offline by default)."""
-    return str(os.environ.get("WANDB_MODE") or cfg_logger.get("mode", "offline") or "offline")
+    """WANDB_MODE in the environment wins over logger.mode (conf/logger/wandb.yaml: offline)."""
+    return str(os.environ.get("WANDB_MODE") or cfg_logger.mode)
 
 
 def wandb_api_key_found() -> bool:
@@ -104,10 +103,10 @@ def wandb_may_start(mode: str) -> bool:
 
 
 def wandb_sdk_settings(cfg_logger):
-    """The wandb.Settings of every fewstep run: init_timeout = logger.init_timeout (WANDB_INIT_TIMEOUT_S)."""
+    """The wandb.Settings of every fewstep run: init_timeout = logger.init_timeout (conf/logger/wandb.yaml)."""
     import wandb
 
-    return wandb.Settings(init_timeout=float(cfg_logger.get("init_timeout", WANDB_INIT_TIMEOUT_S)))
+    return wandb.Settings(init_timeout=float(cfg_logger.init_timeout))
 
 
 def wandb_init(cfg_logger, **kwargs):
@@ -130,8 +129,8 @@ def wandb_settings(cfg) -> Dict[str, Any]:
     config. The one description both `RunLogger` and `make_loggers` start their run from."""
     lg = cfg.logger
     out = output_dir()
-    group = lg.get("group") or (out.parent.name if _is_multirun() else None)
-    return dict(project=lg.get("project", "fewstep"), group=group, mode=wandb_mode(lg), dir=str(out),
+    group = lg.group or (out.parent.name if _is_multirun() else None)
+    return dict(project=lg.project, group=group, mode=wandb_mode(lg), dir=str(out),
                 name=out.name, config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
 
 

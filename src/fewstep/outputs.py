@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .fileio import atomic_path, strict_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .images import save_grid, save_points_plot, to_uint8
-from .loggers import (WANDB_INIT_TIMEOUT_S, WANDB_KEYLESS_MODES, RunLogger, finish_loggers, make_loggers,
+from .loggers import (WANDB_KEYLESS_MODES, RunLogger, finish_loggers, make_loggers,
                       read_offline_run, wandb_api_key_found, wandb_init, wandb_may_start, wandb_mode,
                       wandb_sdk_settings, wandb_settings, wandb_skip_reason, warn)
 from .run_folder import (HASH_IGNORED, LOCK_FILE, METRICS_FILE, RESULT_CONFIG_FILE, RESULT_FILES, RunFolder,
@@ -24,7 +24,7 @@ from .sweeps import SUMMARY_SKIP, SWEEP_JOBS_FILE, SweepSummary, collect_summary
 __all__ = [
     "atomic_path", "strict_json", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
     "save_grid", "save_points_plot", "to_uint8",
-    "WANDB_INIT_TIMEOUT_S", "WANDB_KEYLESS_MODES", "RunLogger", "finish_loggers", "make_loggers", "read_offline_run",
+    "WANDB_KEYLESS_MODES", "RunLogger", "finish_loggers", "make_loggers", "read_offline_run",
     "wandb_api_key_found", "wandb_init", "wandb_may_start", "wandb_mode", "wandb_sdk_settings", "wandb_settings",
     "wandb_skip_reason", "warn",
     "HASH_IGNORED", "LOCK_FILE", "METRICS_FILE", "RESULT_CONFIG_FILE", "RESULT_FILES", "RunFolder", "RunFolderBusy",

@@ -69,17 +69,15 @@ SINGLE = Dist()
 def _devices(cfg_trainer):
     from omegaconf import OmegaConf
 
-    devices = cfg_trainer.get("devices", 1)
+    devices = cfg_trainer.devices
     return OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
 
 
 def is_multiprocess(cfg_trainer) -> bool:
     """True for a ddp strategy, more than one device, or more than one node (conf/trainer/ddp*.yaml)."""
-    if cfg_trainer is None:
-        return False
     devices = _devices(cfg_trainer)
-    nodes = int(cfg_trainer.get("num_nodes", 1) or 1)
-    strategy = str(cfg_trainer.get("strategy", "auto"))
+    nodes = int(cfg_trainer.num_nodes)
+    strategy = str(cfg_trainer.strategy)
     many = (isinstance(devices, int) and (devices > 1 or devices == -1)) or \
         (isinstance(devices, (list, tuple)) and len(devices) > 1) or (isinstance(devices, str) and devices not in ("1", "auto"))
     return nodes > 1 or strategy.startswith("ddp") or many
@@ -88,7 +86,7 @@ def is_multiprocess(cfg_trainer) -> bool:
 def validate_trainer_cfg(cfg_trainer) -> None:
     """One-line ValueError for impossible trainer settings, before anything is launched."""
     devices = _devices(cfg_trainer)
-    nodes = cfg_trainer.get("num_nodes", 1)
+    nodes = cfg_trainer.num_nodes
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         raise ValueError(f"trainer.num_nodes must be an integer >= 1 (got {nodes!r})")
     ok = (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)) or \
@@ -103,9 +101,9 @@ def make_fabric(cfg_trainer):
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
-    kw = dict(accelerator=str(cfg_trainer.get("accelerator", "auto")), devices=_devices(cfg_trainer),
-              num_nodes=int(cfg_trainer.get("num_nodes", 1) or 1))
-    strategy = str(cfg_trainer.get("strategy", "auto"))
+    kw = dict(accelerator=str(cfg_trainer.accelerator), devices=_devices(cfg_trainer),
+              num_nodes=int(cfg_trainer.num_nodes))
+    strategy = str(cfg_trainer.strategy)
     if strategy in ("ddp", "auto"):
         fabric = Fabric(strategy="ddp", **kw)
         if fabric.strategy.cluster_environment.creates_processes_externally:

@@ -278,7 +278,7 @@ def claim_run_folder(cfg, out: Path, writer: bool = True, tag: str = "fewstep"):
     claim = Claim(hashed_config(cfg))
     lock = RunFolder(out).acquire() if writer else None
     try:
-        if cfg.get("resume", False):
+        if cfg.resume:
             done, why = finished_result(claim.hashed, out)
             if done is not None:
                 print(f"[{tag}] resume: {out / METRICS_FILE} was made by this config "

@@ -127,7 +127,7 @@ class SweepSummary(Callback):
         missing = f", {len(jobs) - len(rows)} without a metrics.json" if jobs is not None and len(jobs) > len(rows) else ""
         print(f"[fewstep] sweep summary: {sweep_dir / 'summary.md'} ({len(rows)} jobs{missing})")
         if config.logger.name == "wandb" and rows:
-            run = wandb_init(config.logger, project=config.logger.get("project", "fewstep"), group=sweep_dir.name,
+            run = wandb_init(config.logger, project=config.logger.project, group=sweep_dir.name,
                              mode=wandb_mode(config.logger), dir=str(sweep_dir), name=f"{sweep_dir.name}-summary", job_type="sweep_summary",
                              reinit="finish_previous")
             if run is None:

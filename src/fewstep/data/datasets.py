@@ -38,7 +38,6 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-NATIVE_SHAPES = {"fashion_mnist": (1, 28), "mnist5k": (1, 28), "digits": (1, 8), "cifar10": (3, 32)}
 
 
 class DatasetMissing(FileNotFoundError):
@@ -276,9 +275,8 @@ def load_image_folder(root, split: str = "train", channels: int = 3, image_size:
 def build_mixture(cfg_dataset):
     """The GaussianMixture of a gmm dataset config (also the exact model for backbone=gmm_exact)."""
     from ..backbones.gmm import GaussianMixture
-    return GaussianMixture(dim=int(cfg_dataset.get("dim", 2)), n_components=int(cfg_dataset.get("n_components", 8)),
-                           radius=float(cfg_dataset.get("radius", 0.7)), std=float(cfg_dataset.get("std", 0.1)),
-                           seed=int(cfg_dataset.get("seed", 0)))
+    return GaussianMixture(dim=int(cfg_dataset.dim), n_components=int(cfg_dataset.n_components),
+                           radius=float(cfg_dataset.radius), std=float(cfg_dataset.std), seed=int(cfg_dataset.seed))
 
 
 def gmm_generator(seed: int, split: str) -> torch.Generator:
@@ -294,13 +292,13 @@ def sample_mixture(mixture, n: int, generator: torch.Generator | None = None):
 
 
 def load_gmm(cfg_dataset, split: str = "train", with_labels: bool = False):
-    """n_train points (n_test for test, default n_train) of the mixture; labels = component index."""
+    """n_train points (n_test for test; n_test null: n_train) of the mixture; labels = component index."""
     _check_split(split, "gmm")
-    n = int(cfg_dataset.get("n_train", 10000) if split == "train"
-            else cfg_dataset.get("n_test", None) or cfg_dataset.get("n_train", 10000))
+    n_test = cfg_dataset.n_test
+    n = int(cfg_dataset.n_train if split == "train" or n_test is None else n_test)
     if n <= 0:
         raise ValueError(f"gmm needs n_train (and n_test) >= 1, got {n}")
-    x, k = sample_mixture(build_mixture(cfg_dataset), n, gmm_generator(cfg_dataset.get("seed", 0), split))
+    x, k = sample_mixture(build_mixture(cfg_dataset), n, gmm_generator(cfg_dataset.seed, split))
     return (x, k) if with_labels else x
 
 
@@ -322,19 +320,16 @@ def _conform(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 
 def _check_cfg(cfg_dataset) -> str:
-    name = cfg_dataset.get("name")
+    name = cfg_dataset.name
     if name not in LOADERS:
         raise ValueError(f"unknown dataset '{name}' (choose from {', '.join(LOADERS)})")
     if name != "gmm":
-        channels, size = cfg_dataset.get("channels"), cfg_dataset.get("image_size")
-        native = NATIVE_SHAPES.get(name, (3, 32))
-        channels = native[0] if channels is None else channels
-        size = native[1] if size is None else size
+        channels, size = cfg_dataset.channels, cfg_dataset.image_size
         if channels not in (1, 3):
             raise ValueError(f"dataset.channels must be 1 or 3, got {channels}")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"dataset.image_size must be a positive integer, got {size}")
-    elif int(cfg_dataset.get("dim", 2)) < 1 or int(cfg_dataset.get("n_components", 8)) < 1:
+    elif int(cfg_dataset.dim) < 1 or int(cfg_dataset.n_components) < 1:
         raise ValueError("gmm needs dim >= 1 and n_components >= 1")
     return name
 
@@ -343,11 +338,8 @@ def dataset_shape(cfg_dataset) -> tuple:
     """Shape of one sample, (C, H, W) or (d,) for gmm, read from the config without loading data."""
     name = _check_cfg(cfg_dataset)
     if name == "gmm":
-        return (int(cfg_dataset.get("dim", 2)),)
-    native = NATIVE_SHAPES.get(name, (3, 32))
-    c = cfg_dataset.get("channels") or native[0]
-    s = cfg_dataset.get("image_size") or native[1]
-    return (int(c), int(s), int(s))
+        return (int(cfg_dataset.dim),)
+    return (int(cfg_dataset.channels), int(cfg_dataset.image_size), int(cfg_dataset.image_size))
 
 
 def load_dataset(cfg_dataset, split: str | None = None, with_labels: bool = False):
@@ -355,19 +347,22 @@ def load_dataset(cfg_dataset, split: str | None = None, with_labels: bool = Fals
 
     split defaults to cfg_dataset.split (train | test)."""
     name = _check_cfg(cfg_dataset)
-    split = _check_split(split or cfg_dataset.get("split") or "train", name)
+    split = _check_split(split or cfg_dataset.split, name)
     if name == "gmm":
         return load_gmm(cfg_dataset, split, with_labels)
     shape = dataset_shape(cfg_dataset)
     if name == "image_folder":
-        return load_image_folder(cfg_dataset.get("root"), split, shape[0], shape[1], with_labels)
+        from omegaconf import OmegaConf
+
+        root = None if OmegaConf.is_missing(cfg_dataset, "root") else cfg_dataset.root   # root: ??? in the yaml
+        return load_image_folder(root, split, shape[0], shape[1], with_labels)
     if name == "fashion_mnist":
-        out = load_fashion_mnist(cfg_dataset.get("root") or FASHION_MNIST_ROOT, split, True)
+        out = load_fashion_mnist(cfg_dataset.root, split, True)
     elif name == "mnist5k":
         out = load_mnist5k(split, True)
     elif name == "digits":
         out = load_digits(split, True)
     else:
-        out = load_cifar10(cfg_dataset.get("root") or "data/cifar-10-batches-py", split, True)
+        out = load_cifar10(cfg_dataset.root, split, True)
     x = _conform(out[0], shape[0], shape[1])
     return (x, out[1]) if with_labels else x

@@ -50,33 +50,33 @@ def _device(device) -> torch.device:
 
 
 def check_metrics_cfg(cfg_metrics) -> None:
-    """One ValueError line per bad option, before any heavy work."""
-    g = cfg_metrics.get
-    if g("feature", "classifier") not in FEATURES:
-        raise ValueError(f"unknown metrics.feature '{g('feature')}' (choose from {', '.join(FEATURES)})")
+    """One ValueError line per bad option of a feature-metrics config (fid: true; every key of
+    conf/metrics/default.yaml set), before any heavy work. The tasks call it once per run."""
+    if cfg_metrics.feature not in FEATURES:
+        raise ValueError(f"unknown metrics.feature '{cfg_metrics.feature}' (choose from {', '.join(FEATURES)})")
     for key, lo in (("pr_k", 1), ("pr_rows", 2), ("pr_max_fake", 2), ("is_splits", 1), ("feature_batch", 1),
                     ("fid_bootstrap", 0)):
-        v = g(key)
-        if v is not None and (not isinstance(v, int) or v < lo):
+        v = cfg_metrics[key]
+        if not isinstance(v, int) or v < lo:
             raise ValueError(f"metrics.{key} must be an integer >= {lo}, got {v}")
-    cap = g("ref_max_images")
+    cap = cfg_metrics.ref_max_images
     if cap is not None and (not isinstance(cap, int) or cap < 2):
         raise ValueError(f"metrics.ref_max_images must be null (all) or an integer >= 2, got {cap}")
-    if g("pr_dtype", "float32") not in ("float32", "float16"):
-        raise ValueError(f"metrics.pr_dtype must be float32 or float16, got {g('pr_dtype')}")
-    if g("ref_split", "train") not in ("train", "test"):
-        raise ValueError(f"metrics.ref_split must be train or test, got {g('ref_split')}")
+    if cfg_metrics.pr_dtype not in ("float32", "float16"):
+        raise ValueError(f"metrics.pr_dtype must be float32 or float16, got {cfg_metrics.pr_dtype}")
+    if cfg_metrics.ref_split not in ("train", "test"):
+        raise ValueError(f"metrics.ref_split must be train or test, got {cfg_metrics.ref_split}")
 
 
 def min_samples(cfg_metrics, has_logits: bool | None = None) -> int:
     """The fewest generated samples the metrics of cfg_metrics can be computed on: 2 for FID, k + 1 for
     precision/recall (a k-th neighbour), is_splits for the Inception Score (when the feature network has
     logits: the classifier has, the TF-Inception pool3 network has not; None = decide by metrics.feature)."""
-    g = cfg_metrics.get
+    m = cfg_metrics
     if has_logits is None:
-        has_logits = g("feature", "classifier") == "classifier"
-    pr = int(g("pr_k", 3)) + 1 if bool(g("precision_recall", True)) else 2
-    is_ = int(g("is_splits", 10)) if (bool(g("inception_score", True)) and has_logits) else 2
+        has_logits = m.feature == "classifier"
+    pr = int(m.pr_k) + 1 if bool(m.precision_recall) else 2
+    is_ = int(m.is_splits) if (bool(m.inception_score) and has_logits) else 2
     return max(2, pr, is_)
 
 
@@ -143,22 +143,22 @@ class Metrics:
 
     cfg_metrics: conf/metrics/*.yaml (see default.yaml for every option); cfg_dataset: conf/dataset.
     keep_rows: keep the generated feature rows (up to pr_max_fake) even if no metric needs them, for
-    `fake_features` (save_features=true). With `fid: false` it does nothing and compute() returns {}."""
+    `fake_features` (save_features=true). With `fid: false` it does nothing and compute() returns {}.
+    The config is taken as validated (check_metrics_cfg, which the tasks run once before any work)."""
 
     def __init__(self, cfg_metrics, cfg_dataset, device="cpu", keep_rows: bool = False):
-        check_metrics_cfg(cfg_metrics)
         self.cfg = cfg_metrics
         self.device = _device(device)
-        self.enabled = bool(cfg_metrics.get("fid", False))
+        self.enabled = bool(cfg_metrics.fid)
         if not self.enabled:
             return
-        g = cfg_metrics.get
-        self.k = int(g("pr_k", 3))
-        self.do_pr = bool(g("precision_recall", True))
-        self.pr_equal_sizes = bool(g("pr_equal_sizes", True))
-        self.is_splits = int(g("is_splits", 10))
+        m = cfg_metrics
+        self.k = int(m.pr_k)
+        self.do_pr = bool(m.precision_recall)
+        self.pr_equal_sizes = bool(m.pr_equal_sizes)
+        self.is_splits = int(m.is_splits)
         self.extractor = build_feature(cfg_metrics, self.device)
-        self.do_is = bool(g("inception_score", True)) and self.extractor.has_logits
+        self.do_is = bool(m.inception_score) and self.extractor.has_logits
         self.ref = ensure_ref_stats(cfg_metrics, cfg_dataset, self.extractor, self.device)
         self.ref_path = ref_stats_path(cfg_metrics, cfg_dataset, self.extractor.name)
         self.ref_digest = file_digest(self.ref_path)   # which statistics made the FID: metrics.json records it
@@ -167,9 +167,9 @@ class Metrics:
         self.consistency = None      # made at the first labelled batch (conditional models)
         if _rank() == 0:  # states are summed across ranks in compute(): the reference counts once
             self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
-        self.n_boot = int(g("fid_bootstrap", 0) or 0)
-        self.seed = int(g("seed", 0))
-        keep = int(g("pr_max_fake", 10000)) if (self.do_pr or self.do_is or self.n_boot or keep_rows) else 0
+        self.n_boot = int(m.fid_bootstrap)
+        self.seed = int(m.seed)
+        keep = int(m.pr_max_fake) if (self.do_pr or self.do_is or self.n_boot or keep_rows) else 0
         self.bank = FeatureBank(keep).to(self.device)
         self.min_samples = min_samples(cfg_metrics, self.extractor.has_logits)
 

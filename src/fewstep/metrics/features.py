@@ -111,7 +111,7 @@ class InceptionFeatures(nn.Module):
 
     has_logits = False
 
-    def __init__(self, weights: Optional[str] = None, max_batch: int = 32):
+    def __init__(self, weights: Optional[str], max_batch: int):
         super().__init__()
         path = Path(weights) if weights else default_inception_path()
         if not weights and not path.is_file():
@@ -177,15 +177,15 @@ class ClassifierFeatures(nn.Module):
 
 def build_feature(cfg_metrics, device="cpu") -> nn.Module:
     """The extractor named by metrics.feature (see the module docstring), on `device`, in eval mode."""
-    name = cfg_metrics.get("feature", "classifier")
+    name = cfg_metrics.feature
     if name not in FEATURES:
         raise ValueError(f"unknown metrics.feature '{name}' (choose from {', '.join(FEATURES)})")
     if name == "inception":
-        module = InceptionFeatures(cfg_metrics.get("weights"), int(cfg_metrics.get("feature_batch", 32) or 32))
+        module = InceptionFeatures(cfg_metrics.weights, int(cfg_metrics.feature_batch))
     else:
-        if cfg_metrics.get("weights"):
+        if cfg_metrics.weights:
             raise ValueError("metrics.weights is for feature=inception; the classifier is read from metrics.classifier_dir")
-        folder = cfg_metrics.get("classifier_dir")
+        folder = cfg_metrics.classifier_dir
         if not folder:
             raise ValueError("metrics.classifier_dir is not set (the folder written by task=train_classifier)")
         module = ClassifierFeatures(os.fspath(folder))

@@ -194,14 +194,13 @@ class RefStats:
 
 def ref_stats_path(cfg_metrics, cfg_dataset, feature_name: str) -> Path:
     """<ref_stats_dir>/<dataset>-<split>-<feature>-<cap or 'all'>.npz"""
-    cap = cfg_metrics.get("ref_max_images")
-    split = cfg_metrics.get("ref_split") or "train"
+    cap, split = cfg_metrics.ref_max_images, cfg_metrics.ref_split
     return Path(cfg_metrics.ref_stats_dir) / f"{cfg_dataset.name}-{split}-{feature_name}-{cap or 'all'}.npz"
 
 
 @torch.no_grad()
-def compute_ref_stats(extractor, images: torch.Tensor, max_images: Optional[int] = None, pr_rows: int = 10000,
-                      batch_size: int = 250, seed: int = 0, device="cpu", meta: Optional[dict] = None) -> RefStats:
+def compute_ref_stats(extractor, images: torch.Tensor, max_images: Optional[int], pr_rows: int, batch_size: int,
+                      seed: int, device="cpu", meta: Optional[dict] = None) -> RefStats:
     """Mean and covariance of extractor features over (a seeded random subset of at most `max_images` of)
     `images`, plus the features of the first `pr_rows` images of that subset for precision/recall."""
     n_all = len(images)
@@ -252,22 +251,21 @@ def ensure_ref_stats(cfg_metrics, cfg_dataset, extractor, device="cpu", force: b
     path = ref_stats_path(cfg_metrics, cfg_dataset, extractor.name)
     if path.exists() and not force:
         ref = RefStats.load(path)
-        check_ref_meta(ref, path, str(cfg_dataset.name), cfg_metrics.get("ref_split") or "train",
-                       cfg_metrics.get("ref_max_images"))
+        check_ref_meta(ref, path, str(cfg_dataset.name), cfg_metrics.ref_split, cfg_metrics.ref_max_images)
         if ref.meta.get("feature_ident") == extractor.ident:
             return ref
         log.warning("%s was made with another %s network (%s != %s): recomputing", path, extractor.name,
                     ref.meta.get("feature_ident"), extractor.ident)
     from fewstep.data import load_dataset
 
-    split = cfg_metrics.get("ref_split") or "train"
+    split = cfg_metrics.ref_split
     log.info("computing reference statistics %s (dataset %s, split %s)", path.name, cfg_dataset.name, split)
     images = load_dataset(cfg_dataset, split)
     if images.ndim != 4:
         raise ValueError(f"FID needs an image dataset, {cfg_dataset.name} has samples of shape {tuple(images.shape[1:])}")
-    ref = compute_ref_stats(extractor, images, cfg_metrics.get("ref_max_images"), int(cfg_metrics.get("pr_rows", 10000)),
-                            int(cfg_metrics.get("feature_batch", 250) or 250), int(cfg_metrics.get("seed", 0)), device,
+    ref = compute_ref_stats(extractor, images, cfg_metrics.ref_max_images, int(cfg_metrics.pr_rows),
+                            int(cfg_metrics.feature_batch), int(cfg_metrics.seed), device,
                             meta=dict(dataset=str(cfg_dataset.name), split=split, n_available=len(images)))
-    ref.save(path, cfg_metrics.get("pr_dtype", "float32"))
+    ref.save(path, cfg_metrics.pr_dtype)
     log.info("saved %s (%d images, %d PR rows)", path, ref.n, len(ref.pr_features))
     return ref

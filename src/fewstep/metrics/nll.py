@@ -214,18 +214,18 @@ def nll_rule(cfg_variance, cfg_sampler, schedule, variance=None):
     (eta = sampler.eta); variance=analytic -> the Analytic-DPM rule without the last-step cap."""
     from ..strategies.variance import FixedVariance
 
-    name = cfg_sampler.get("name")
+    name = cfg_sampler.name
     if name not in ("ddpm", "ddim"):
         raise ConfigError(f"metrics=nll bounds the likelihood of the ddpm / ddim reverse process; use sampler=ddpm "
                           f"(or sampler=ddim with sampler.eta > 0), not sampler={name}")
-    eta = 1.0 if name == "ddpm" else float(cfg_sampler.get("eta", 0.0))
+    eta = 1.0 if name == "ddpm" else float(cfg_sampler.eta)
     if not eta > 0:
         raise ConfigError("metrics=nll needs a stochastic process: sampler=ddim with sampler.eta > 0, or sampler=ddpm")
-    if cfg_variance is not None and cfg_variance.get("name") == "analytic":
+    if cfg_variance.name == "analytic":
         if variance is None:
             raise ConfigError("metrics=nll with variance=analytic needs the Analytic-DPM rule (build_variance)")
         return variance.uncapped(), eta
-    kind = "beta" if name == "ddpm" and cfg_sampler.get("var_type", "beta_tilde") == "beta" else "lam2"
+    kind = "beta" if name == "ddpm" and cfg_sampler.var_type == "beta" else "lam2"
     return FixedVariance(schedule, kind), eta
 
 
@@ -241,25 +241,25 @@ def evaluate_nll(cfg, model, variance=None, data: Optional[torch.Tensor] = None,
     from ..samplers import sampler_timesteps
 
     mc = cfg.metrics
-    rule, eta = nll_rule(cfg.get("variance"), cfg.sampler, model.schedule, variance)
-    decoder_var = mc.get("decoder_var", "clipped")
+    rule, eta = nll_rule(cfg.variance, cfg.sampler, model.schedule, variance)
+    decoder_var = mc.decoder_var
     ts = sampler_timesteps(cfg.sampler, model.schedule, explicit_timesteps(cfg.sampler, variance))
-    n_data = mc.get("n_data", None)
+    n_data = mc.n_data
     if n_data is not None and (isinstance(n_data, bool) or int(n_data) < 1):
         raise ConfigError(f"metrics.n_data must be >= 1 or null (got {n_data})")
-    bs = int(mc.get("batch_size", None) or cfg.get("batch_size", 256))
-    seed = int(mc.get("seed", cfg.get("seed", 0)))
+    bs = int(mc.batch_size)       # conf/metrics/nll.yaml: ${batch_size}
+    seed = int(mc.seed)           # ${seed}
     if data is None:
         from ..data import load_dataset
 
-        data = load_dataset(cfg.dataset, mc.get("split", "test"))
+        data = load_dataset(cfg.dataset, mc.split)
     index = torch.arange(len(data))
     if n_data is not None and int(n_data) < len(data):
         index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: int(n_data)]
         data = data[index]
     image = data.ndim == 4
-    bins = _auto(mc.get("bins", "auto"), 256 if image else None)
-    clip_x0 = bool(_auto(mc.get("clip_x0", "auto"), image))
+    bins = _auto(mc.bins, 256 if image else None)
+    clip_x0 = bool(_auto(mc.clip_x0, image))
     device = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     batches = (data[i: i + bs].to(device) for i in range(0, len(data), bs))
     v, _ = nll_points(model, batches, model.schedule, ts, rule, eta=eta, decoder_var=decoder_var,

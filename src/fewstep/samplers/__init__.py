@@ -30,15 +30,14 @@ from .edm import edm_sigmas, sample_euler, sample_heun
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "euler", "heun", "diffusers")
 VARIANCE_SAMPLERS = ("ddpm", "ddim")  # the samplers whose steps take a reverse variance (variance=analytic)
-DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp": "linspace", "euler": "karras", "heun": "karras"}
 ANALYTIC_DP = "analytic_dp"  # timesteps chosen by the Analytic-DPM dynamic programme of the variance rule
 
-__all__ = ["SAMPLERS", "VARIANCE_SAMPLERS", "sample", "planned_nfe", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
+__all__ = ["SAMPLERS", "VARIANCE_SAMPLERS", "sample", "planned_nfe", "names_analytic_dp", "sampler_timesteps", "validate_sampler_cfg", "sample_ddim", "sample_ddpm",
            "sample_dpmpp", "sample_euler", "sample_heun", "sample_diffusers"]
 
 
 def _kwargs(cfg) -> dict:
-    kw = cfg.get("kwargs", None) or {}
+    kw = cfg.kwargs or {}
     try:
         from omegaconf import DictConfig, OmegaConf
         if isinstance(kw, DictConfig):
@@ -49,35 +48,42 @@ def _kwargs(cfg) -> dict:
 
 
 def validate_sampler_cfg(cfg) -> None:
-    """Check a sampler config node before anything heavy is built; one-line ValueError on bad input."""
-    name = cfg.get("name", None)
+    """Check a sampler config node (conf/sampler/<name>.yaml, every key set) before anything heavy is built;
+    one-line ValueError on bad input. tasks.validate calls it once per run, never per batch."""
+    name = cfg.name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
-    steps = cfg.get("steps", None)
+    steps = cfg.steps
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"sampler.steps must be an integer >= 1 (got {steps!r})")
     if name == "diffusers":
-        scheduler_class(cfg.get("scheduler", None))
-        kw = cfg.get("kwargs", None)
+        scheduler_class(cfg.scheduler)
+        kw = cfg.kwargs
         if kw is not None and not hasattr(kw, "keys"):
             raise ValueError(f"sampler.kwargs must be a mapping of scheduler arguments (got {kw!r})")
         return
-    spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[name]
+    spacing = cfg.timesteps
     if spacing not in SPACINGS + (ANALYTIC_DP,):
         raise ValueError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS + (ANALYTIC_DP,))})")
-    endpoint = cfg.get("endpoint", True)
+    endpoint = cfg.endpoint
     if not isinstance(endpoint, bool):
         raise ValueError(f"sampler.endpoint must be true or false (got {endpoint!r})")
     if not endpoint and spacing == ANALYTIC_DP:
         raise ValueError("sampler.endpoint=false does not apply to timesteps=analytic_dp (the trajectory is optimised as a whole)")
-    if name == "ddim" and not float(cfg.get("eta", 0.0)) >= 0:
-        raise ValueError(f"sampler.eta must be >= 0 (got {cfg.get('eta')})")
-    if name == "ddpm" and cfg.get("var_type", "beta_tilde") not in VAR_TYPES:
-        raise ValueError(f"unknown sampler.var_type '{cfg.get('var_type')}' (choose from {', '.join(VAR_TYPES)})")
+    if name == "ddim" and not float(cfg.eta) >= 0:
+        raise ValueError(f"sampler.eta must be >= 0 (got {cfg.eta})")
+    if name == "ddpm" and cfg.var_type not in VAR_TYPES:
+        raise ValueError(f"unknown sampler.var_type '{cfg.var_type}' (choose from {', '.join(VAR_TYPES)})")
     if name == "dpmpp":
-        if cfg.get("order", 2) not in (1, 2, 3):
-            raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.get('order')!r})")
-        check_lower_order_final(cfg.get("lower_order_final", True))
+        if cfg.order not in (1, 2, 3):
+            raise ValueError(f"sampler.order must be 1, 2 or 3 (got {cfg.order!r})")
+        check_lower_order_final(cfg.lower_order_final)
+
+
+def names_analytic_dp(cfg) -> bool:
+    """Whether the sampler config asks for the Analytic-DPM trajectory (timesteps=analytic_dp), which the
+    sampler cannot lay out itself (a diffusers scheduler has no `timesteps` option: its own spacing)."""
+    return cfg.name != "diffusers" and cfg.timesteps == ANALYTIC_DP
 
 
 def sampler_timesteps(cfg, schedule, timesteps=None) -> np.ndarray:
@@ -88,19 +94,19 @@ def sampler_timesteps(cfg, schedule, timesteps=None) -> np.ndarray:
     if timesteps is not None:
         ts = np.asarray(timesteps, dtype=np.float64)
         return np.sort(ts[ts >= 0])[::-1].copy()
-    spacing = cfg.get("timesteps", None) or DEFAULT_SPACING[cfg.get("name")]
+    spacing = cfg.timesteps
     if spacing == ANALYTIC_DP:
         raise ValueError("timesteps=analytic_dp is the Analytic-DPM optimal trajectory (variance=analytic): "
                          "pass it as explicit timesteps")
-    return select_timesteps(schedule, int(cfg.get("steps")), spacing, endpoint=bool(cfg.get("endpoint", True)))
+    return select_timesteps(schedule, int(cfg.steps), spacing, endpoint=bool(cfg.endpoint))
 
 
 def planned_nfe(cfg, schedule, timesteps=None) -> int:
     """The number of model calls `sample(cfg, ...)` will make: one per timestep, Heun's 2 M - 1 (no
     correction on the last step), a diffusers scheduler's own timestep count."""
-    name = cfg.get("name")
+    name = cfg.name
     if name == "diffusers":
-        return planned_calls(schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg))
+        return planned_calls(schedule, cfg.scheduler, int(cfg.steps), _kwargs(cfg))
     m = len(sampler_timesteps(cfg, schedule, timesteps))
     return 2 * m - 1 if name == "heun" else m
 
@@ -115,19 +121,19 @@ def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None, callback
     extra_args: see the module docstring. timesteps: an explicit trajectory (see sampler_timesteps).
     The config is not validated here: the tasks validate it once, before anything is built.
     """
-    name = cfg.get("name")
+    name = cfg.name
     kw = dict(callback=callback, extra_args=extra_args)
     if name == "diffusers":
-        return sample_diffusers(model, z, schedule, cfg.get("scheduler"), int(cfg.get("steps")), _kwargs(cfg),
+        return sample_diffusers(model, z, schedule, cfg.scheduler, int(cfg.steps), _kwargs(cfg),
                                 noise=noise, **kw)
     ts = sampler_timesteps(cfg, schedule, timesteps)
     if name == "ddim":
-        return sample_ddim(model, z, ts, schedule, eta=float(cfg.get("eta", 0.0)), noise=noise, variance=variance, **kw)
+        return sample_ddim(model, z, ts, schedule, eta=float(cfg.eta), noise=noise, variance=variance, **kw)
     if name == "ddpm":
-        return sample_ddpm(model, z, ts, schedule, var_type=cfg.get("var_type", "beta_tilde"), noise=noise,
+        return sample_ddpm(model, z, ts, schedule, var_type=cfg.var_type, noise=noise,
                            variance=variance, **kw)
     if name == "dpmpp":
-        return sample_dpmpp(model, z, ts, schedule, order=int(cfg.get("order", 2)),
-                            lower_order_final=cfg.get("lower_order_final", True), **kw)
+        return sample_dpmpp(model, z, ts, schedule, order=int(cfg.order),
+                            lower_order_final=cfg.lower_order_final, **kw)
     x = float(edm_sigmas(ts, schedule)[0]) * z  # EDM: x = sigma_max z in VE space
     return (sample_euler if name == "euler" else sample_heun)(model, x, ts, schedule, **kw)

@@ -46,8 +46,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import option
-
 SCHEDULES = ("uniform", "nonuniform")
 DEFAULT_POWER = 1.4
 DEFAULT_CENTER_FRACTION = 0.15   # official DDPM code: c = 15 of T = 100
@@ -70,28 +68,29 @@ def validate_cache_cfg(cfg) -> None:
     """Check every cache parameter that does not need the model; one ValueError line per problem.
 
     The upper end of `branch` depends on the UNet (0 .. adapter.num_skips - 1): `build_cache` checks it.
+    Every key of conf/cache/deepcache.yaml must be there (strict reads: defaults live in the YAML only).
     """
-    name = option(cfg, "name", "none")
+    name = cfg["name"]
     if name == "none":
         return
     if name != "deepcache":
         raise ValueError(f"unknown cache '{name}' (choose from none, deepcache)")
-    interval = option(cfg, "interval", 1)
+    interval = cfg["interval"]
     if not _is_int(interval) or int(interval) < 1:
         raise ValueError(f"cache.interval must be an integer >= 1 (1 = cache off, N = one full call every N); got {interval}")
-    branch = option(cfg, "branch", 0)
+    branch = cfg["branch"]
     if not _is_int(branch) or int(branch) < 0:
         raise ValueError(f"cache.branch must be an integer skip index in 0..num_skips-1 (0 = shallowest); got {branch}")
-    schedule = option(cfg, "schedule", "uniform")
+    schedule = cfg["schedule"]
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown cache.schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    power = option(cfg, "power", DEFAULT_POWER)
+    power = cfg["power"]
     if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 < power < math.inf:
         raise ValueError(f"cache.power must be a number > 0 (1 = evenly spaced, > 1 denser around center); got {power}")
-    center = option(cfg, "center", None)
+    center = cfg["center"]
     if center is not None and (not _is_int(center) or int(center) < 0):
         raise ValueError(f"cache.center must be null or a model-call index >= 0 (and < the run's NFE); got {center}")
-    comp = option(cfg, "compile", False)
+    comp = cfg["compile"]
     if not isinstance(comp, bool):
         raise ValueError(f"cache.compile must be true or false; got {comp}")
 
@@ -154,8 +153,8 @@ class DeepCache:
     def __init__(self, interval: int, branch: int, schedule: str = "uniform", center: Optional[int] = None,
                  power: float = DEFAULT_POWER, compile: bool = False, compile_backend: str = "inductor",
                  num_skips: Optional[int] = None):
-        validate_cache_cfg(dict(name="deepcache", interval=interval, branch=branch, schedule=schedule,
-                                center=center, power=power, compile=compile))
+        # the arguments come from a validated config (tasks.validate -> validate_cache_cfg, once per run);
+        # only the branch's upper end needs the network
         if num_skips is not None and not 0 <= int(branch) <= num_skips - 1:
             raise ValueError(f"cache.branch must be in 0..{num_skips - 1} for this UNet ({num_skips} skips, "
                              f"0 = shallowest/cheapest); got {branch}")
@@ -276,13 +275,11 @@ class DeepCache:
 
 # ---------------------------------------------------------------------------- builder
 def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
-    """cfg.cache -> a DeepCache object (which checks its arguments), or None when the cache is off (name
-    none or interval 1)."""
-    if option(cfg_cache, "name", "none") == "none" or int(option(cfg_cache, "interval", 1)) == 1:
+    """A validated cfg.cache (conf/cache/*.yaml, every key set) -> a DeepCache object, or None when the cache
+    is off (name none or interval 1). The branch is checked against the network (0 .. num_skips - 1)."""
+    if cfg_cache.name == "none" or int(cfg_cache.interval) == 1:
         return None
     require_partial_forwards(adapter)
-    num_skips = adapter.num_skips
-    return DeepCache(interval=int(option(cfg_cache, "interval", 1)), branch=int(option(cfg_cache, "branch", 0)),
-                     schedule=option(cfg_cache, "schedule", "uniform"), center=option(cfg_cache, "center", None),
-                     power=float(option(cfg_cache, "power", DEFAULT_POWER)), compile=bool(option(cfg_cache, "compile", False)),
-                     compile_backend=option(cfg_cache, "compile_backend", "inductor"), num_skips=num_skips)
+    return DeepCache(interval=int(cfg_cache.interval), branch=int(cfg_cache.branch), schedule=str(cfg_cache.schedule),
+                     center=cfg_cache.center, power=float(cfg_cache.power), compile=bool(cfg_cache.compile),
+                     compile_backend=str(cfg_cache.compile_backend), num_skips=adapter.num_skips)

@@ -67,17 +67,17 @@ class Guidance:
 
 def validate_guidance_cfg(cfg, n_train: int) -> None:
     """One-line ConfigError for a bad guidance config (the config alone decides these)."""
-    name = cfg.get("name", "none")
+    name = cfg.name
     check(name in GUIDANCE, f"unknown guidance '{name}' (choose from {', '.join(GUIDANCE)})")
     if name == "none":
         return
-    w = cfg.get("scale")
+    w = cfg.scale
     check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
           f"guidance.scale must be a finite number >= 0 (got {w!r})")
-    phi = cfg.get("rescale", 0.0)
+    phi = cfg.rescale
     check(isinstance(phi, (int, float)) and not isinstance(phi, bool) and 0 <= phi <= 1,
           f"guidance.rescale must be a number in [0, 1] (got {phi!r})")
-    iv = cfg.get("interval")
+    iv = cfg.interval
     if iv is not None:
         ok = hasattr(iv, "__len__") and len(iv) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                              for v in iv)
@@ -86,18 +86,18 @@ def validate_guidance_cfg(cfg, n_train: int) -> None:
 
 
 def build_guidance(cfg) -> Optional[Guidance]:
-    """cfg.guidance -> a Guidance, or None for guidance=none."""
-    if cfg.get("name", "none") == "none":
+    """A validated cfg.guidance (conf/guidance/*.yaml) -> a Guidance, or None for guidance=none."""
+    if cfg.name == "none":
         return None
-    iv = cfg.get("interval")
+    iv = cfg.interval
     return Guidance(scale=float(cfg.scale), interval=None if iv is None else (float(iv[0]), float(iv[1])),
-                    rescale=float(cfg.get("rescale", 0.0)))
+                    rescale=float(cfg.rescale))
 
 
 def guidance_key(cfg) -> Optional[dict]:
     """What a guided eps depends on, for the files made with it (a Gamma estimate): None without guidance,
     else {scale, interval, rescale} as plain floats."""
-    g = build_guidance(cfg) if cfg is not None else None
+    g = build_guidance(cfg)
     if g is None:
         return None
     return {"scale": g.scale, "interval": None if g.interval is None else list(g.interval), "rescale": g.rescale}

@@ -44,7 +44,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..config import option
 
 GRANULARITIES = ("skip", "level")
 
@@ -177,10 +176,9 @@ class ScaleSkips:
 
 
 def _build_linear(cfg, adapter) -> list:
-    rho_top = float(option(cfg, "rho_top", 1.0))
-    rho_bottom = float(option(cfg, "rho_bottom", 1.0))
-    granularity = str(option(cfg, "granularity", "skip"))
-    t_range = parse_t_range(option(cfg, "t_range", None))
+    rho_top, rho_bottom = float(cfg.rho_top), float(cfg.rho_bottom)
+    granularity = str(cfg.granularity)
+    t_range = parse_t_range(cfg.t_range)
     # validate before looking at the backbone (rho < 0, unknown granularity)
     skip_scales(1, rho_top, rho_bottom, "skip")
     if granularity not in GRANULARITIES:
@@ -253,10 +251,9 @@ class FreeU:
 
 
 def _build_freeu(cfg, adapter) -> list:
-    b1, b2 = float(option(cfg, "b1", 1.0)), float(option(cfg, "b2", 1.0))
-    s1, s2 = float(option(cfg, "s1", 1.0)), float(option(cfg, "s2", 1.0))
-    threshold = option(cfg, "threshold", 1)
-    t_range = parse_t_range(option(cfg, "t_range", None))
+    b1, b2, s1, s2 = float(cfg.b1), float(cfg.b2), float(cfg.s1), float(cfg.s2)
+    threshold = cfg.threshold
+    t_range = parse_t_range(cfg.t_range)
     _check_nonneg(b1=b1, b2=b2, s1=s1, s2=s2)
     if (b1, b2, s1, s2) == (1.0, 1.0, 1.0, 1.0):
         return []
@@ -337,10 +334,10 @@ def load_learned(path) -> dict:
 
 
 def _build_learned(cfg, adapter) -> list:
-    path = option(cfg, "path", None)
+    path = cfg.path
     if not path:
         raise ValueError("skip=learned needs skip.path=<rho file written by task=tune_rho>")
-    t_range = parse_t_range(option(cfg, "t_range", None))
+    t_range = parse_t_range(cfg.t_range)
     data = load_learned(path)
     _require_skips(adapter, "learned")
     k = len(adapter.skips)
@@ -348,7 +345,7 @@ def _build_learned(cfg, adapter) -> list:
     if n != k:
         raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
     saved = data.get("model_id")
-    if bool(option(cfg, "check_model", True)):
+    if bool(cfg.check_model):
         from ..identity import model_id
 
         if not saved:
@@ -395,15 +392,18 @@ class CondRowsOnly:
 
 
 def build_skip(cfg_skip, adapter) -> list:
-    """Hooks for `cfg.skip`, to append to `adapter.skip_hooks` (in order). [] = plain network.
+    """Hooks for `cfg.skip` (conf/skip/<name>.yaml, every key set), to append to `adapter.skip_hooks` (in
+    order). [] = plain network.
 
-    skip.rows (with guidance): both (default) scales the conditional and the unconditional rows alike,
-    cond only the conditional ones."""
-    name = str(option(cfg_skip, "name", "none"))
+    skip.rows (with guidance; every option but none has it): both scales the conditional and the
+    unconditional rows alike, cond only the conditional ones."""
+    name = str(cfg_skip.name)
     if name not in _BUILDERS:
         raise ValueError(f"unknown skip strategy '{name}' (choose from {', '.join(_BUILDERS)})")
-    rows = option(cfg_skip, "rows", "both")
+    hooks = _BUILDERS[name](cfg_skip, adapter)
+    if not hooks:
+        return hooks
+    rows = cfg_skip.rows
     if rows not in ROWS:
         raise ValueError(f"skip.rows must be both or cond (got {rows})")
-    hooks = _BUILDERS[name](cfg_skip, adapter)
     return [CondRowsOnly(h, adapter) for h in hooks] if rows == "cond" else hooks

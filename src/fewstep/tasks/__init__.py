@@ -19,7 +19,7 @@ SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho")
 
 def _whole(cfg, key: str, lo: int) -> int:
     """cfg[key] as an integer >= lo; a float (1.5, or even 2.0), a bool or a string is refused, never truncated."""
-    v = cfg.get(key)
+    v = cfg[key]
     check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key} must be an integer >= {lo} (got {v!r})")
     return v
 
@@ -45,7 +45,7 @@ def image_metrics(cfg) -> bool:
     the feature metrics for images, the exact mixture checks (metrics=gmm) for dataset=gmm, where an
     explicit image metric is refused."""
     m = cfg.metrics
-    if not m.get("fid", False):
+    if not m.fid:
         return False
     if cfg.dataset.name == "gmm":
         check(m.name == "default", f"metrics={m.name} measures images; dataset=gmm takes metrics=gmm "
@@ -60,25 +60,29 @@ def validate_conditioning(cfg, n_train: int) -> None:
     from ..conditions import check_labels
     from ..strategies.guidance import require_conditional, validate_guidance_cfg
 
-    g = cfg.get("guidance") or {"name": "none"}
+    g = cfg.guidance
     validate_guidance_cfg(g, n_train)
     if cfg.backbone.name == "sd_unet":   # text-conditional: guidance's unconditional row is the negative prompt
         return
     n_embeds = class_embeds(cfg.backbone)
-    if g.get("name", "none") != "none":
-        require_conditional(n_embeds, f"guidance={g.get('name')}")
+    if g.name != "none":
+        require_conditional(n_embeds, f"guidance={g.name}")
     if n_embeds is not None:
         check(n_embeds >= 2, f"a class-conditional network needs its classes plus a null class (got {n_embeds} "
                              f"class embeddings)")
-        check_labels(cfg.get("labels", "balanced"), n_embeds - 1)
+        check_labels(cfg.labels, n_embeds - 1)
 
 
 def validate(cfg) -> None:
-    """Cheap checks of everything the user can mistype, from the config alone; raises ConfigError (one line)."""
+    """Cheap checks of everything the user can mistype, from the config alone; raises ConfigError (one line).
+
+    The one place where the groups' validators run (sampler, trainer, metrics, skip, guidance, variance,
+    cache), once per run and before any work: the builders take the validated config as it is. Keys are
+    read strictly: every default is in conf/ (a key the YAML lacks raises, it never defaults)."""
     check_finite_options(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
     n = _whole(cfg, "n_samples", 1)
     _whole(cfg, "batch_size", 1)
-    seed = cfg.get("seed")
+    seed = cfg.seed
     check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63,
           f"seed must be an integer in 0..2^63-1 (got {seed!r})")
     m = cfg.metrics
@@ -88,17 +92,17 @@ def validate(cfg) -> None:
         check_metrics_cfg(m)
         need = min_samples(m)
         check(n >= need, f"n_samples={n} is too few for metrics={m.name}: it needs at least {need} "
-                         f"(precision/recall k+1 = {int(m.get('pr_k', 3)) + 1}, IS splits = {m.get('is_splits', 10)})")
-    if cfg.get("save_features", False):
-        check(bool(m.get("fid", False)), f"save_features=true needs feature metrics (metrics={m.name} has none)")
-        cap = int(m.get("pr_max_fake", 10000))
+                         f"(precision/recall k+1 = {int(m.pr_k) + 1}, IS splits = {m.is_splits})")
+    if cfg.save_features:
+        check(bool(m.fid), f"save_features=true needs feature metrics (metrics={m.name} has none)")
+        cap = int(m.pr_max_fake)
         check(n <= cap, f"save_features=true keeps at most metrics.pr_max_fake={cap} rows "
                         f"(got n_samples={n}): raise metrics.pr_max_fake")
     from ..denoiser import autocast_dtype
 
-    autocast_dtype(cfg.get("autocast", None))
+    autocast_dtype(cfg.autocast)
     from ..parallel import validate_trainer_cfg
-    from ..samplers import VARIANCE_SAMPLERS, validate_sampler_cfg
+    from ..samplers import VARIANCE_SAMPLERS, names_analytic_dp, validate_sampler_cfg
 
     validate_trainer_cfg(cfg.trainer)
 
@@ -106,7 +110,7 @@ def validate(cfg) -> None:
     n_train = int(cfg.backbone.schedule.n)
     check(int(cfg.sampler.steps) <= n_train,
           f"sampler.steps must be <= the {n_train} training timesteps of the backbone (got {cfg.sampler.steps})")
-    if cfg.backbone.name == "uvit" and not cfg.backbone.get("pretrained"):
+    if cfg.backbone.name == "uvit" and not cfg.backbone.pretrained:
         from ..backbones.uvit import check_uvit_config
 
         c = cfg.backbone.config
@@ -127,14 +131,15 @@ def validate(cfg) -> None:
     if skip.name == "learned":
         from ..strategies.skip import load_learned
 
-        check(bool(skip.get("path")), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
+        check(bool(skip.path), "skip=learned needs skip.path=<rho file written by task=tune_rho>")
         load_learned(skip.path)   # the file's form and values; its model is checked when the backbone is built
-    check(skip.get("rows", "both") in ("both", "cond"), f"skip.rows must be both or cond (got {skip.get('rows')})")
+    if skip.name != "none":   # skip=none has no hooks, so no rows to choose
+        check(skip.rows in ("both", "cond"), f"skip.rows must be both or cond (got {skip.rows})")
     from ..pipelines import validate_text_cfg
 
     validate_text_cfg(cfg)              # text-to-image: backbone=sd_unet with dataset=prompts
     validate_conditioning(cfg, n_train)
-    check(cfg.sampler.get("timesteps", None) != "analytic_dp" or cfg.variance.name == "analytic",
+    check(not names_analytic_dp(cfg.sampler) or cfg.variance.name == "analytic",
           "sampler.timesteps=analytic_dp is the Analytic-DPM optimal trajectory: it needs variance=analytic")
     if cfg.variance.name != "fixed":
         from ..strategies.variance import validate_variance_cfg
@@ -170,7 +175,7 @@ def dispatch(cfg):
     except ModuleNotFoundError:
         fail(f"unknown task '{name}'")
     try:
-        if name in SAMPLING_TASKS or cfg.task.get("validate", False):
+        if name in SAMPLING_TASKS:
             validate(cfg)
     except ValueError as e:
         fail(str(e))

@@ -36,7 +36,7 @@ from ..build import build_denoiser, explicit_timesteps, resolve_device, sample_s
 from ..denoiser import check_finite
 from ..outputs import RunLogger, output_dir, save_grid, save_points_plot, to_uint8
 from ..parallel import SINGLE, Dist, all_gather, gather_by_index, is_multiprocess, run_parallel, shard
-from ..samplers import DEFAULT_SPACING, planned_nfe, sample
+from ..samplers import planned_nfe, sample
 from ..samplers.noise import SampleNoise
 
 FEATURES_FILE = "features.npz"     # save_features=true: the samples' feature rows (sample order), for paired FIDs
@@ -46,7 +46,7 @@ def weights_of(cfg_backbone) -> str:
     """What the network's weights are, for metrics.json: the pretrained folder, or a random initialisation."""
     if cfg_backbone.name == "gmm_exact":
         return "exact"
-    return str(cfg_backbone.get("pretrained") or "random (backbone.pretrained=null)")
+    return str(cfg_backbone.pretrained or "random (backbone.pretrained=null)")
 
 
 def conditions(cfg, model, indices, device) -> dict:
@@ -59,7 +59,7 @@ def conditions(cfg, model, indices, device) -> dict:
         return {}
     from ..conditions import sample_labels
 
-    return {"class_labels": sample_labels(cfg.get("labels", "balanced"), int(cfg.seed), indices, model.null_label,
+    return {"class_labels": sample_labels(cfg.labels, int(cfg.seed), indices, model.null_label,
                                           device, n_samples=int(cfg.n_samples))}
 
 
@@ -70,7 +70,7 @@ def build_variance_rule(cfg, model):
 
     from ..strategies.guidance import guidance_key
 
-    return build_variance(cfg.variance, model.schedule, model_id(model.backbone), guidance_key(cfg.get("guidance")))
+    return build_variance(cfg.variance, model.schedule, model_id(model.backbone), guidance_key(cfg.guidance))
 
 
 def build_metrics(cfg, device):
@@ -85,7 +85,7 @@ def build_metrics(cfg, device):
         from ..metrics import Metrics
 
         with user_errors():  # a missing feature classifier or reference statistics
-            return Metrics(cfg.metrics, cfg.dataset, device, keep_rows=bool(cfg.get("save_features", False)))
+            return Metrics(cfg.metrics, cfg.dataset, device, keep_rows=bool(cfg.save_features))
     return None
 
 
@@ -173,7 +173,7 @@ def evaluate_rank(dist: Dist, cfg):
 
     Returns (result dict, samples to write: the first grid_size, or all with save_samples / GMM) on global
     rank 0 and None on the other ranks. With dist = SINGLE it is the plain single-process evaluation."""
-    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.get("device", "auto"))
+    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.device)
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
     variance = build_variance_rule(cfg, model)
@@ -186,7 +186,7 @@ def evaluate_rank(dist: Dist, cfg):
     quality = metrics.compute() if metrics is not None else {}        # collective: states synced across ranks
     st = _combine_stats(all_gather(st, dist))
     gmm = cfg.dataset.name == "gmm"
-    keep = n_total if (gmm or cfg.get("save_samples", False)) else min(n_total, int(cfg.task.get("grid_size", 64)))
+    keep = n_total if (gmm or cfg.save_samples) else min(n_total, int(cfg.task.grid_size))
     samples = gather_by_index(samples, indices, dist, keep=keep)
     if not dist.is_global_zero:
         return None
@@ -200,16 +200,16 @@ def evaluate_rank(dist: Dist, cfg):
         from ..metrics.classifier import file_digest
 
         result["gamma"], result["gamma_sha256"] = str(Path(variance.path).resolve()), file_digest(variance.path)
-    if cfg.get("autocast", None):
+    if cfg.autocast:
         result["autocast"] = str(cfg.autocast)
     if model.null_label is not None:
-        result["labels"] = str(cfg.get("labels", "balanced"))
+        result["labels"] = str(cfg.labels)
         result["guidance"] = cfg.guidance.name
         if cfg.guidance.name != "none":
             result["guidance_scale"] = float(cfg.guidance.scale)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
-        result["timesteps"] = cfg.sampler.get("timesteps", None) or DEFAULT_SPACING[cfg.sampler.name]
-        result["endpoint"] = bool(cfg.sampler.get("endpoint", True))
+        result["timesteps"] = cfg.sampler.timesteps
+        result["endpoint"] = bool(cfg.sampler.endpoint)
     if dist.world > 1:
         result["world_size"] = dist.world
     if macs:
@@ -225,7 +225,7 @@ def evaluate_rank(dist: Dist, cfg):
 
         result.update(decode_cost(model.backbone.pipeline, shape, st, n, device), **text_run(cfg))
     arrays = {}                                   # file name -> named arrays, written next to metrics.json
-    if cfg.get("save_features", False) and metrics is not None and metrics.enabled:
+    if cfg.save_features and metrics is not None and metrics.enabled:
         arrays[FEATURES_FILE] = {"features": metrics.fake_features.cpu().numpy().astype(np.float32),
                                  "ref_stats": np.array(str(metrics.ref_path.resolve())), "fid": np.float64(result["fid"])}
     if cfg.metrics.name == "nll":
@@ -265,8 +265,8 @@ def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: O
             reference = build_mixture(cfg.dataset).sample(2000, generator=torch.Generator().manual_seed(0))  # same every run
             images["samples"] = save_points_plot(samples, out / "samples.png", reference=reference)
     else:
-        images["samples"] = save_grid(samples[: int(cfg.task.get("grid_size", 64))], out / "samples.png")
-        if cfg.get("save_samples", False):
+        images["samples"] = save_grid(samples[: int(cfg.task.grid_size)], out / "samples.png")
+        if cfg.save_samples:
             savez(out / "samples.npz", images=to_uint8(samples).numpy())
     result = write_result(out, hashed if hashed is not None else cfg, result)  # its presence: the run finished
     print_table(result, [k for k in ("nfe", "macs_per_sample", "wall_time_s", "images_per_s", "fid", "fid_se", "precision",
@@ -310,22 +310,17 @@ def run(cfg, out=None) -> dict:
     from ..run_folder import claim_run_folder
 
     out = Path(out) if out is not None else output_dir()
-    trainer = cfg.get("trainer", None)
+    trainer = cfg.trainer
     multi = is_multiprocess(trainer)
     # under a cluster launcher every rank runs this function; only global rank 0 writes (and locks)
     writer = not multi or _launcher_rank() == 0
     with claim_run_folder(cfg, out, writer) as claim:
         if claim.done is not None:
             return claim.done
-        if multi:
+        if multi:   # trainer.* were validated with the rest of the config (tasks.validate)
             from ..config import ConfigError
-            from ..parallel import validate_trainer_cfg
 
-            try:
-                validate_trainer_cfg(trainer)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+            devices, nodes = trainer.devices, int(trainer.num_nodes)
             if isinstance(devices, int) and devices > 0 and int(cfg.n_samples) < devices * nodes:
                 raise ConfigError(f"n_samples must be >= the number of processes {devices * nodes} "
                                   f"(got {cfg.n_samples})")

@@ -67,12 +67,12 @@ PARTIAL_KIND = "gamma-partial"
 
 def default_out_dir(cfg) -> Path:
     """The pretrained folder if it is a local writable folder, else task.cache_dir."""
-    pre = cfg.backbone.get("pretrained", None) if "backbone" in cfg else None
+    pre = cfg.backbone.pretrained
     if pre:
         p = Path(os.path.expanduser(str(pre)))
         if p.is_dir() and os.access(p, os.W_OK):
             return p
-    return Path(os.path.expanduser(str(cfg.task.get("cache_dir") or "checkpoints/gamma")))
+    return Path(os.path.expanduser(str(cfg.task.cache_dir)))
 
 
 def _noise_seed(seed: int) -> int:
@@ -234,9 +234,9 @@ def _positive_int(value, name: str) -> int:
 
 
 def _strategies_active(cfg) -> bool:
-    skip = cfg.get("skip", None) or {}
-    rho_on = any(float(skip.get(k, 1.0)) != 1.0 for k in ("rho_top", "rho_bottom"))
-    return skip.get("name", "none") not in ("none", "linear") or rho_on
+    skip = cfg.skip
+    rho_on = any(float(skip[k]) != 1.0 for k in ("rho_top", "rho_bottom") if k in skip)   # skip=linear's keys
+    return skip.name not in ("none", "linear") or rho_on
 
 
 def _settings(cfg) -> dict:
@@ -244,12 +244,12 @@ def _settings(cfg) -> dict:
     from ..build import build_schedule
 
     tc = cfg.task
-    s = {"M": _positive_int(tc.get("M"), "task.M"),
-         "bs": _positive_int(tc.get("batch_size", None) or cfg.get("batch_size"), "task.batch_size"),
-         "save_every": _positive_int(tc.get("save_every", 1), "task.save_every"),
-         "schedule": build_schedule(cfg.backbone.schedule), "split": tc.get("split", "train"),
-         "dataset": cfg.dataset.name, "seed": int(cfg.get("seed", 0))}
-    ts = tc.get("timesteps", "all")
+    s = {"M": _positive_int(tc.M, "task.M"),
+         "bs": _positive_int(tc.batch_size, "task.batch_size"),          # conf/task/gamma.yaml: ${batch_size}
+         "save_every": _positive_int(tc.save_every, "task.save_every"),
+         "schedule": build_schedule(cfg.backbone.schedule), "split": tc.split,
+         "dataset": cfg.dataset.name, "seed": int(cfg.seed)}
+    ts = tc.timesteps
     try:
         s["ts"] = check_timesteps(list(ts) if not isinstance(ts, (str, int)) and ts is not None else ts,
                                   s["schedule"].N)
@@ -288,15 +288,15 @@ def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
     if labels is not None and int(labels.max()) >= n_embeds - 1:
         raise ConfigError(f"dataset={dataset} has classes 0..{int(labels.max())}, the network's class embedding "
                           f"only 0..{n_embeds - 2} (and the null class {n_embeds - 1})")
-    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.get("device", "auto"))
+    device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.device)
     model = build_denoiser(cfg, device)
     model.eval()
     model.cache = None  # Gamma is a property of the network: no cached partial forwards across timesteps
-    guidance = guidance_key(cfg.get("guidance"))
+    guidance = guidance_key(cfg.guidance)
     mid = model_id(model.backbone)
-    out = Path(os.path.expanduser(str(tc.get("out_dir") or default_out_dir(cfg))))
+    out = Path(os.path.expanduser(str(tc.out_dir or default_out_dir(cfg))))
     path = out / gamma_filename(mid, dataset, M, guidance)
-    if path.exists() and not tc.get("overwrite", False):
+    if path.exists() and not tc.overwrite:
         g = load_gamma(path, mid, schedule, guidance=guidance)
         if not lead:
             return None
@@ -309,12 +309,12 @@ def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
     if lead and dist.world > n_batches:
         print(f"[fewstep] gamma: note: {M} points make {n_batches} batches of task.batch_size={s['bs']}: only "
               f"{n_batches} of the {dist.world} processes have work (lower task.batch_size)")
-    pre = cfg.backbone.get("pretrained", None)
+    pre = cfg.backbone.pretrained
     g = estimate_to_file(model, data, schedule, path, mid=mid, dataset=dataset, timesteps=s["ts"], batch_size=s["bs"],
                          seed=s["seed"], rank=dist.rank, world=dist.world, save_every=s["save_every"], progress=True,
                          pretrained=pre, device=device, labels=labels, guidance=guidance,
                          extra={"split": s["split"], "backbone": cfg.backbone.name,
-                                "skip": str(cfg.get("skip", {}).get("name")), "skip_active": _strategies_active(cfg)})
+                                "skip": str(cfg.skip.name), "skip_active": _strategies_active(cfg)})
     if not lead:
         return None
     result = summary(g)
@@ -337,16 +337,15 @@ def run(cfg) -> dict:
     processes of a multi-process job that are not global rank 0."""
     import torch.distributed as tdist
 
-    trainer = cfg.get("trainer", None)
+    trainer = cfg.trainer
     if not (is_multiprocess(trainer) or (tdist.is_available() and tdist.is_initialized())):
         return gamma_rank(SINGLE, cfg)
-    if trainer is not None:
-        from ..parallel import validate_trainer_cfg
+    from ..parallel import validate_trainer_cfg   # task=gamma is not a sampling task: its one validation
 
-        try:
-            validate_trainer_cfg(trainer)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        validate_trainer_cfg(trainer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _points(cfg, _settings(cfg))     # the user's mistakes as one line here, before any process is started
     result = run_parallel(trainer, gamma_rank, _plain(cfg))
     return result if result is not None else {}

@@ -16,10 +16,10 @@ from fewstep.metrics import _device, build_feature, check_metrics_cfg, ensure_re
 
 def run(cfg) -> dict:
     check_metrics_cfg(cfg.metrics)
-    device = _device(cfg.get("device", "auto"))
+    device = _device(cfg.device)
     t0 = time.time()
     extractor = build_feature(cfg.metrics, device)
     path = ref_stats_path(cfg.metrics, cfg.dataset, extractor.name)
-    ref = ensure_ref_stats(cfg.metrics, cfg.dataset, extractor, device, force=bool(cfg.task.get("force", False)))
+    ref = ensure_ref_stats(cfg.metrics, cfg.dataset, extractor, device, force=bool(cfg.task.force))
     return dict(path=str(path), feature=extractor.name, n_images=ref.n, pr_rows=len(ref.pr_features),
                 dim=len(ref.mu), seconds=round(time.time() - t0, 1), size_bytes=path.stat().st_size)

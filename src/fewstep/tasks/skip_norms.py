@@ -170,7 +170,7 @@ def _plot(rows: Sequence[dict], path: str, residual: bool = False):
 
 
 def _batch_size(cfg) -> int:
-    task_bs = cfg.task.get("batch_size", None)
+    task_bs = cfg.task.batch_size            # null: the top-level batch_size
     bs = int(task_bs if task_bs is not None else cfg.batch_size)
     if bs < 1:
         raise ValueError(f"task.batch_size must be >= 1 (got {bs})")
@@ -202,7 +202,7 @@ def _measure(cfg, out: Path, hashed) -> dict:
     # skip=residual (and a DiT, which has no long skips): the residual branches of the transformer blocks
     residual = cfg.skip.name == "residual" or cfg.backbone.name == "dit"
     hooks, infos = ("residual_hooks", "residuals") if residual else ("skip_hooks", "skips")
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg.device)
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
     variance = build_variance_rule(cfg, model)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ..config import check, user_errors
+from ..config import check, group, user_errors
 from ..build import adapt, build_schedule, class_embeds_of, load_pretrained, new_network, sample_shape
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..run_folder import output_dir
@@ -184,8 +184,9 @@ class SampleAndScore(L.Callback):
         ema = pl_module.ema.eval()
         null = pl_module.null_label
         model = Denoiser(adapt(cfg.backbone.name, ema), build_schedule(cfg.backbone.schedule), "eps", null_label=null)
-        sampler_cfg = OmegaConf.create({"name": "dpmpp", "steps": int(cfg.task.eval_steps), "order": 2,
-                                        "lower_order_final": True, "timesteps": "logsnr"})
+        # the fast FID's fixed protocol: DPM-Solver++(2M) on the logSNR grid, every key of conf/sampler/dpmpp.yaml
+        sampler_cfg = group("sampler", "dpmpp", steps=int(cfg.task.eval_steps), order=2, lower_order_final=True,
+                            timesteps="logsnr", endpoint=True)
         n = int(cfg.task.eval_samples)
         shape = sample_shape(cfg)
         imgs, labels = [], []
@@ -326,6 +327,11 @@ def run(cfg) -> dict:
     from ..loggers import make_loggers
 
     validate_train_cfg(cfg.task)
+    if cfg.metrics.fid:   # the fast FID's metrics, checked once here (Metrics takes them as validated)
+        from ..metrics import check_metrics_cfg
+
+        with user_errors():
+            check_metrics_cfg(cfg.metrics)
     L.seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.task.run_dir) if cfg.task.run_dir else output_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +358,8 @@ def run(cfg) -> dict:
             "lr": float(t.lr), "lr_schedule": str(t.lr_schedule), "min_snr_gamma": t.min_snr_gamma,
             "ema_decay": float(t.ema_decay), "steps_before": steps_before, "init_from": t.init_from,
             "fast_fid_eval": f"{int(t.eval_samples)} samples, DPM-Solver++(2M) {int(t.eval_steps)} NFE, "
-                             f"{cfg.metrics.get('feature')} features vs the {cfg.metrics.get('ref_split')} split"}
+                             + (f"{cfg.metrics.feature} features vs the {cfg.metrics.ref_split} split" if cfg.metrics.fid
+                                else f"no feature metrics (metrics={cfg.metrics.name})")}
     with user_errors("task=train: "):
         data = DiffusionDataModule(cfg.dataset, batch_size=int(t.batch_size), num_workers=int(t.num_workers),
                                    val_fraction=0.0, seed=int(cfg.seed), hflip=bool(t.hflip),

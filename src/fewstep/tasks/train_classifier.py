@@ -70,7 +70,7 @@ def run(cfg) -> dict:
     x_test, y_test = load_dataset(cfg.dataset, "test", with_labels=True)
     if x.ndim != 4:
         raise ValueError(f"train_classifier needs an image dataset (N x C x H x W), got shape {tuple(x.shape)}")
-    if t.get("max_train"):
+    if t.max_train:
         x, y = x[: int(t.max_train)], y[: int(t.max_train)]
     num_classes = int(max(y.max(), y_test.max())) + 1
     seed = int(t.seed)

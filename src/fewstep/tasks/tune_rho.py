@@ -68,29 +68,29 @@ DETERMINISTIC = ("ddim", "dpmpp", "euler", "heun")
 def validate_tune_cfg(cfg) -> None:
     """One-line ConfigError for every bad option, before any model is built."""
     t = cfg.task
-    obj = t.get("objective", "trajectory")
+    obj = t.objective
     if obj not in OBJECTIVES:
         raise ConfigError(f"unknown task.objective '{obj}' (choose from {', '.join(OBJECTIVES)})")
     for key in ("teacher_steps", "n_train", "batch_size", "max_steps"):
-        v = t.get(key)
+        v = t[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"task.{key} must be an integer >= 1 (got {v!r})")
-    n_val = t.get("n_val", 0)
+    n_val = t.n_val
     if not isinstance(n_val, int) or isinstance(n_val, bool) or n_val < 0:
         raise ConfigError(f"task.n_val must be an integer >= 0 (got {n_val!r})")
-    if not float(t.get("rho_max", 2.0)) > 0:
-        raise ConfigError(f"task.rho_max must be > 0 (got {t.get('rho_max')})")
-    if not float(t.get("lr", 0.05)) > 0:
-        raise ConfigError(f"task.lr must be > 0 (got {t.get('lr')})")
+    if not float(t.rho_max) > 0:
+        raise ConfigError(f"task.rho_max must be > 0 (got {t.rho_max})")
+    if not float(t.lr) > 0:
+        raise ConfigError(f"task.lr must be > 0 (got {t.lr})")
     s = cfg.sampler
-    if s.name not in DETERMINISTIC or (s.name == "ddim" and float(s.get("eta", 0.0)) != 0.0) or \
+    if s.name not in DETERMINISTIC or (s.name == "ddim" and float(s.eta) != 0.0) or \
             cfg.variance.name != "fixed":
         raise ConfigError(f"task=tune_rho needs a deterministic sampler (ddim with eta=0, dpmpp, euler, heun; "
                           f"variance=fixed), got sampler={s.name}"
-                          + (f" eta={s.get('eta')}" if s.name == "ddim" else "") + f" variance={cfg.variance.name}")
+                          + (f" eta={s.eta}" if s.name == "ddim" else "") + f" variance={cfg.variance.name}")
     if int(t.teacher_steps) <= int(s.steps):
         raise ConfigError(f"task.teacher_steps must be > sampler.steps={s.steps} (got {t.teacher_steps})")
-    if bool(t.get("grad_checkpointing", False)) and cfg.cache.name != "none":
+    if bool(t.grad_checkpointing) and cfg.cache.name != "none":
         raise ConfigError("task.grad_checkpointing=true cannot be combined with a cache strategy "
                           "(a recomputed call would see another cache state): use cache=none")
     if cfg.skip.name not in ("linear", "learned"):
@@ -98,7 +98,7 @@ def validate_tune_cfg(cfg) -> None:
                           f"(a previous rho file), got skip={cfg.skip.name}")
     from ..parallel import is_multiprocess
 
-    if is_multiprocess(cfg.get("trainer", None)):
+    if is_multiprocess(cfg.trainer):
         raise ConfigError("task=tune_rho fits a handful of scalars on one device: use trainer=cpu or trainer=gpu")
 
 
@@ -176,7 +176,7 @@ def teacher_x0(cfg, model, indices: np.ndarray, shape, device, mid: str) -> torc
         from ..strategies.guidance import guidance_key
 
         key.update(condition=condition_digest(cond_of(indices)), guidance=guidance_key(cfg.guidance))
-    use_cache = bool(t.get("teacher_cache", True))
+    use_cache = bool(t.teacher_cache)
     path = Path(str(t.cache_dir)) / f"teacher_{mid}_{scfg.name}{scfg.steps}_s{t.seed}_n{len(indices)}_{_hash(key)}"
     path, legacy = path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".pt")
     if use_cache and path.exists():
@@ -206,7 +206,7 @@ def load_feature_net(cfg, device):
     """The FID feature classifier of the dataset (frozen, eval), or a one-line ConfigError."""
     from ..metrics.classifier import load_classifier
 
-    folder = cfg.task.get("classifier_dir") or cfg.metrics.get("classifier_dir")
+    folder = cfg.task.classifier_dir
     try:
         net, info = load_classifier(folder)
     except FileNotFoundError:
@@ -322,8 +322,8 @@ def initial_rho(cfg, adapter) -> torch.Tensor:
     from ..strategies.skip import build_skip, skip_scales
 
     if cfg.skip.name == "linear":
-        return torch.tensor(skip_scales(adapter, float(cfg.skip.get("rho_top", 1.0)), float(cfg.skip.get("rho_bottom", 1.0)),
-                                        str(cfg.skip.get("granularity", "skip") or "skip")), dtype=torch.float64)
+        return torch.tensor(skip_scales(adapter, float(cfg.skip.rho_top), float(cfg.skip.rho_bottom),
+                                        str(cfg.skip.granularity)), dtype=torch.float64)
     hook = build_skip(cfg.skip, adapter)[0]
     return torch.as_tensor(hook.scales, dtype=torch.float64)
 
@@ -353,7 +353,7 @@ def fit(cfg, out: Path, hashed=None):
     validate_tune_cfg(cfg)
     t = cfg.task
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg.device)
     shape = sample_shape(cfg)
     model = build_denoiser(_plain_cfg(cfg, skip={"name": "none"}), device)   # the hooks come from the tuner
     adapter = model.backbone
@@ -363,7 +363,7 @@ def fit(cfg, out: Path, hashed=None):
     init = check_init(initial_rho(cfg, adapter), float(t.rho_max))
     levels = [s.level for s in adapter.skips]
     table_t = None
-    if bool(t.get("per_step", False)):
+    if bool(t.per_step):
         table_t = probe_timesteps(cfg.sampler, model, shape, device)
         init = init.expand(len(table_t), -1).clone() if init.ndim == 1 else init
         if init.shape[0] != len(table_t):
@@ -374,7 +374,7 @@ def fit(cfg, out: Path, hashed=None):
     feature_net = load_feature_net(cfg, device) if t.objective == "features" else None
     mid = model_id(adapter)
 
-    n_train, n_val = int(t.n_train), int(t.get("n_val", 0))
+    n_train, n_val = int(t.n_train), int(t.n_val)
     indices = np.arange(n_train + n_val)
     x_teacher = teacher_x0(cfg, model, indices, shape, device, mid)
     z = initial_noise(int(t.seed), indices, shape, "cpu")
@@ -385,7 +385,7 @@ def fit(cfg, out: Path, hashed=None):
     val = (indices[n_train:], z[n_train:], target[n_train:])
 
     tuner = RhoTuner(model, cfg.sampler, init, float(t.rho_max), table_t, t.objective, feature_net, float(t.lr),
-                     bool(t.get("grad_checkpointing", False)), int(t.seed), levels,
+                     bool(t.grad_checkpointing), int(t.seed), levels,
                      conditions=lambda idx: conditions(cfg, model, idx, device)).to(device)
     eval_sets = {"train": _loader(*train, t.batch_size, False, 0)}
     if n_val:
@@ -395,17 +395,17 @@ def fit(cfg, out: Path, hashed=None):
 
     loggers = make_loggers(cfg, out)
     tr = cfg.trainer
-    trainer = L.Trainer(accelerator=tr.get("accelerator", "auto"), devices=1, precision=tr.get("precision", "32-true"),
+    trainer = L.Trainer(accelerator=tr.accelerator, devices=1, precision=tr.precision,
                         max_steps=int(t.max_steps), logger=loggers or False, enable_checkpointing=False,
                         log_every_n_steps=1, enable_model_summary=False, default_root_dir=str(out),
-                        enable_progress_bar=bool(t.get("progress", True)), num_sanity_val_steps=0)
+                        enable_progress_bar=bool(t.progress), num_sanity_val_steps=0)
     try:
         trainer.fit(tuner, _loader(*train, t.batch_size, True, t.seed))
         tuner.to(device)
         after = {f"{k}_loss_final": tuner.objective_on(v) for k, v in eval_sets.items()}
         print(f"[tune_rho] after {trainer.global_step} steps: " + ", ".join(f"{k}={v:.5g}" for k, v in after.items()))
         rho = tuner.rho().detach().cpu()
-        rho_path = Path(str(t.out)) if t.get("out") else out / "rho.yaml"
+        rho_path = Path(str(t.out)) if t.out else out / "rho.yaml"
         meta = dict(model_id=mid, num_skips=len(levels), levels=levels, objective=str(t.objective),
                     rho_max=float(t.rho_max), teacher_steps=int(t.teacher_steps),
                     sampler=OmegaConf.to_container(cfg.sampler, resolve=True), steps=int(trainer.global_step))

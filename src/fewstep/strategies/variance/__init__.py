@@ -36,7 +36,7 @@ VARIANCES = ("fixed", "analytic")
 
 
 def _search_dirs(cfg_variance) -> list:
-    dirs = list(cfg_variance.get("search_dirs", None) or [])
+    dirs = list(cfg_variance.search_dirs or [])
     return [os.path.expanduser(str(d)) for d in dirs if d not in (None, "")]
 
 
@@ -60,13 +60,13 @@ def _data_range(value):
 
 
 def validate_variance_cfg(cfg_variance) -> None:
-    """Cheap checks before anything heavy is built; one-line ValueError."""
-    name = cfg_variance.get("name")
+    """Cheap checks before anything heavy is built (tasks.validate calls it once per run); one-line ValueError."""
+    name = cfg_variance.name
     if name not in VARIANCES:
         raise ValueError(f"unknown variance '{name}' (choose from {', '.join(VARIANCES)})")
     if name == "analytic":
-        _clip_pixel(cfg_variance.get("clip_pixel", None))
-        _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
+        _clip_pixel(cfg_variance.clip_pixel)
+        _data_range(cfg_variance.data_range)
 
 
 def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None):
@@ -76,18 +76,20 @@ def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidanc
     variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
     one-line error naming the `python run.py task=gamma ...` command that makes the right one. guidance
     (strategies.guidance.guidance_key): the guided eps is another model, so only a Gamma made with the same
-    guidance settings is taken.
+    guidance settings is taken. The config is a validated conf/variance/*.yaml (every key set).
     """
-    validate_variance_cfg(cfg_variance)
-    if cfg_variance.get("name") == "fixed":
+    name = cfg_variance.name
+    if name == "fixed":
         return None
-    clip_pixel = _clip_pixel(cfg_variance.get("clip_pixel", None))
-    data_range = _data_range(cfg_variance.get("data_range", (-1.0, 1.0)))
+    if name != "analytic":
+        raise ValueError(f"unknown variance '{name}' (choose from {', '.join(VARIANCES)})")
+    clip_pixel = _clip_pixel(cfg_variance.clip_pixel)
+    data_range = _data_range(cfg_variance.data_range)
     command = gamma_command(cfg_variance)
-    path = cfg_variance.get("gamma_path", None)
+    path = cfg_variance.gamma_path
     if not path:
         dirs = _search_dirs(cfg_variance)
-        path = find_gamma(model_id, dirs, cfg_variance.get("dataset", None), guidance)
+        path = find_gamma(model_id, dirs, cfg_variance.dataset, guidance)
         if path is None:
             where = ", ".join(dirs) if dirs else "no variance.search_dirs"
             what = "" if guidance is None else f" with guidance {guidance}"

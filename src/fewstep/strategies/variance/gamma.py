@@ -259,7 +259,7 @@ def gamma_command(cfg_variance) -> str:
         pass
     parts = ["python run.py task=gamma"]
     for key, opt in (("dataset", "dataset"), ("backbone", "backbone"), ("pretrained", "backbone.pretrained")):
-        v = cfg_variance.get(key, None) if cfg_variance is not None else None
+        v = cfg_variance[key]
         if v not in (None, "") and not any(o.split("=", 1)[0].lstrip("+~") == opt for o in extra):
             parts.append(f"{opt}={v}")
     return " ".join(parts + extra)
