@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import REPO, compose_cfg
+from conftest import REPO, assert_one_line_error, compose_cfg
 
 SHIPPED = REPO / "checkpoints" / "fashion_mnist"
 SHIPPED_SKIPS = 9
@@ -74,8 +74,6 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys, request):
-    from fewstep.tasks import dispatch
-
     _, overrides, words, config_alone = case
     if config_alone:
         request.getfixturevalue("no_model_building")
@@ -83,15 +81,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys, r
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        dispatch(cfg)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
-    assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
-    assert "Traceback" not in err
-    assert not list(out.rglob("metrics.json*"))
+    assert_one_line_error(cfg, out, capsys, words)
 
 
 def test_gmm_with_the_default_metrics_runs(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from fewstep.backbones.sd_unet import SDUNetAdapter
 from fewstep.config import ConfigError
 from fewstep.denoiser import Denoiser
-from fewstep.pipelines import load_pipeline, scheduler_betas, write_tiny_pipeline
+from fewstep.pipelines import load_pipeline, scheduler_betas
 from fewstep.samplers.ddim import sample_ddim
 from fewstep.samplers.dpmpp import sample_dpmpp
 from fewstep.schedule import NoiseSchedule, make_betas, select_timesteps
@@ -29,10 +29,8 @@ def backbone_cfg(path, **kw):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_sd")
-    write_tiny_pipeline(out, seed=0)
-    return out
+def folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import assert_one_line_error, compose_cfg
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from fewstep.pipelines import write_tiny_pipeline
-
-    out = tmp_path_factory.mktemp("tiny_sd")
-    write_tiny_pipeline(out, seed=0)
-    return out
+def folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +130,6 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_text_to_image_input_is_one_line_and_exit_2(case, folder, prompts, tmp_path, monkeypatch, capsys,
                                                         request):
-    from fewstep.tasks import dispatch
-
     _, extra, words = case
     if case[0] != "clip_model_absent":          # the CLIP folder is checked when the metric is built
         request.getfixturevalue("no_model_building")
@@ -145,14 +139,7 @@ def test_bad_text_to_image_input_is_one_line_and_exit_2(case, folder, prompts, t
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        dispatch(cfg)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
-    assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
-    assert "Traceback" not in err and not list(out.rglob("metrics.json*"))
+    assert_one_line_error(cfg, out, capsys, words)
 
 
 def test_skip_norms_tune_rho_and_learned_rho_on_sd_unet(folder, prompts, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ diffusers' own blocks)."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from test_cache import _dec_layers
 
 from fewstep.backbones.sd_unet import SDUNetAdapter
 from fewstep.strategies.cache import DeepCache
@@ -122,10 +123,6 @@ def test_freeu_equals_diffusers_enable_freeu(config):
 
 
 # ---------------------------------------------------------------------------- DeepCache
-def _dec_layers(unet):
-    return [(b, j, j == len(blk.resnets) - 1) for b, blk in enumerate(unet.up_blocks) for j in range(len(blk.resnets))]
-
-
 def _capture_u(unet, x, t, text, m):
     """The decoder feature u entering the resnet that consumes skip m (a pre-hook on diffusers' forward;
     its input is cat([u, d_m]))."""
