@@ -133,3 +133,19 @@ def test_bad_pipeline_folders_are_one_line(folder, tmp_path):
         load_pipeline(backbone_cfg(folder, schedule={"kind": "linear", "n": 1000, "beta_start": 1e-4, "beta_end": 0.02}))
     with pytest.raises(ConfigError, match="backbone.parameterization=eps"):
         load_pipeline(backbone_cfg(folder, parameterization="v"))
+
+
+@torch.no_grad()
+def test_half_precision_weights(folder):
+    """backbone.dtype=bf16 loads the UNet, VAE and text encoder in bf16; the denoiser's eps stays float32 and
+    close to the fp32 one (the sampler's arithmetic is float32)."""
+    unet16, pipe16 = load_pipeline(backbone_cfg(folder, dtype="bf16"))
+    unet32, pipe32 = load_pipeline(backbone_cfg(folder))
+    assert unet16.dtype == pipe16.vae.dtype == pipe16.text_encoder.dtype == torch.bfloat16
+    schedule = NoiseSchedule(make_betas("scaled_linear", 1000, 0.00085, 0.012))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = [Denoiser(SDUNetAdapter(u.eval()), schedule)(x, 500.0, encoder_hidden_states=p.encode(PROMPTS))
+           for u, p in ((unet16, pipe16), (unet32, pipe32))]
+    assert eps[0].dtype == torch.float32 and torch.isfinite(eps[0]).all()
+    assert 0 < relative_error(eps[0], eps[1]) < 0.1
+    assert pipe16.decode(x).dtype == torch.float32

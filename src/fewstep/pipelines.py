@@ -164,7 +164,9 @@ class LatentPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] (float32): vae.decode(latents / scaling_factor), clamped."""
         vae = self.vae
-        z = latents.to(device=vae.device, dtype=vae.dtype) / self.scaling_factor
+        if vae.device != latents.device:   # the run's device (the pipeline loads on the CPU)
+            vae.to(latents.device)
+        z = latents.to(dtype=vae.dtype) / self.scaling_factor
         return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
 
