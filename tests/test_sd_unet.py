@@ -196,3 +196,19 @@ def test_deepcache_strategy_on_sd_unet_counts_partial_calls_and_macs():
     assert kinds == ["full", "partial@1", "partial@1", "full"]
     macs = cache.measure_macs(a, x[:1], encoder_hidden_states=text[:1])
     assert 0 < macs["partial@1"] < 0.5 * macs["full"]
+
+
+def test_sd_deepcache_bench_writes_rows_for_every_interval_and_branch(tmp_path):
+    """make bench's sd_deepcache on a narrow stand-in of SD-1.5's layout: N = 1 baseline, N = 2 / 3 branches 0
+    and 1, MACs counted from the calls, the markdown table written."""
+    from fewstep.bench.sd_deepcache import main
+
+    res = main(str(tmp_path), size=(1, 3), latent=8, intervals=(2, 3), repeats=1, rounds=1,
+               arch=dict(block_out_channels=(16, 16, 32, 32), cross_attention_dim=24, norm_num_groups=8))
+    rows = {(r["interval"], r["branch"]): r for r in res["rows"]}
+    assert set(rows) == {(1, None), (2, 0), (3, 0), (2, 1), (3, 1)}
+    assert rows[(2, 1)]["full"] == 2 and rows[(2, 1)]["partial"] == 1 and rows[(3, 0)]["full"] == 1
+    m = res["macs"]
+    assert rows[(3, 0)]["macs_per_image"] == m["full"] + 2 * m["partial@0"] and m["partial@0"] < m["partial@1"] < m["full"]
+    assert rows[(1, None)]["ratio"] == 1 and all(r["macs_speedup"] > 1 for k, r in rows.items() if k[0] > 1)
+    assert "| 3 | 1 |" in (tmp_path / "sd_deepcache.md").read_text()

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..backbones.dit import DiTAdapter, check_blocks
@@ -39,7 +38,7 @@ from ..fileio import write_text_atomic
 from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.block_cache import BlockCache
 from ..strategies.guidance import Guidance
-from .deepcache import lockstep_ddim, machine
+from .deepcache import Conditioned, add_speedups, machine, warm_and_run
 
 # DiT-XL/2 (Peebles & Xie 2023): 28 layers, hidden 1152, 16 heads, patch 2, 32 x 32 x 4 latent at 256 px
 ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=8,
@@ -51,24 +50,12 @@ QUICK = dict(layers=4, size=(1, 6))
 SCALE = 4.0                        # DiTPipeline's default guidance scale
 
 
-class Labelled:
+class Labelled(Conditioned):
     """A Denoiser with fixed class labels, callable as model(x, t) (what the lock-step runner calls)."""
 
     def __init__(self, model: Denoiser, labels: torch.Tensor):
-        self.model, self.labels, self.cache = model, labels, model.cache
-
-    def reset(self):
-        self.model.reset()
-
-    def __call__(self, x, t):
-        return self.model(x, t, class_labels=self.labels)
-
-    def x0(self, x, t, eps):
-        return self.model.x0(x, t, eps)
-
-    @property
-    def calls(self):
-        return self.model.calls
+        super().__init__(model, class_labels=labels)
+        self.labels = labels
 
 
 def time_calls(models: Dict[Tuple[int, int], Labelled], z, rounds: int) -> Dict[tuple, Dict[str, float]]:
@@ -118,16 +105,7 @@ def bench(layers: int, batch: int, steps: int, intervals: Sequence[int], blocks:
         for n in intervals:
             if n > 1:
                 variants[(n, b)] = denoiser(BlockCache(n, *b))
-    with torch.no_grad():                                 # warm-up, untimed
-        for m in variants.values():
-            m.reset()
-            m(z, 999.0), m(z, 989.0)
-    steps_best: Dict[tuple, np.ndarray] = {}
-    for _ in range(repeats):
-        secs, outs = lockstep_ddim(variants, z, ts, schedule, torch.device("cpu"))
-        for k, v in secs.items():
-            steps_best[k] = np.minimum(steps_best.get(k, np.inf), np.asarray(v))
-    wall = {k: float(v.sum()) for k, v in steps_best.items()}
+    wall, outs = warm_and_run(variants, z, ts, schedule, repeats)
     per_call = time_calls({b: denoiser(BlockCache(2, *b)) for b in blocks}, z, rounds)
     base = (1, None)
     ref = outs[base].double()
@@ -142,13 +120,7 @@ def bench(layers: int, batch: int, steps: int, intervals: Sequence[int], blocks:
         rows.append(dict(interval=n, first=None if b is None else b[0], last=None if b is None else b[1],
                          full=n_full, partial=n_part, wall_s=wall[(n, b)], macs_per_image=run_macs,
                          call_time_s=call_time, rel_dev=float((outs[(n, b)].double() - ref).norm() / ref.norm())))
-    b0 = rows[0]
-    for r in rows:
-        r["wall_speedup"] = b0["wall_s"] / r["wall_s"]
-        r["macs_speedup"] = b0["macs_per_image"] / r["macs_per_image"]
-        r["ratio"] = r["wall_speedup"] / r["macs_speedup"]
-        r["call_time_speedup"] = b0["call_time_s"] / r["call_time_s"]
-        r["call_time_ratio"] = r["call_time_speedup"] / r["macs_speedup"]
+    add_speedups(rows)
     params = sum(p.numel() for p in net.parameters())
     return dict(arch=arch, params=params, batch=batch, steps=steps, scale=SCALE, macs=macs,
                 per_call={f"{b[0]}+{b[1]}": v for b, v in per_call.items()}, rows=rows)

@@ -153,6 +153,33 @@ def lockstep_ddim(models: Dict[tuple, Denoiser], z: torch.Tensor, ts, schedule, 
     return secs, xs
 
 
+def warm_and_run(variants: Dict, z: torch.Tensor, ts, schedule, repeats: int, device=torch.device("cpu")):
+    """Warm every variant (two untimed calls), then `repeats` lock-step runs: (wall seconds per variant: the
+    sum over steps of each step's fastest repeat, x_0 per variant)."""
+    with torch.no_grad():                                 # warm-up, untimed
+        for m in variants.values():
+            m.reset()
+            m(z, 999.0), m(z, 989.0)
+    steps_best: Dict[tuple, np.ndarray] = {}
+    for _ in range(repeats):
+        secs, outs = lockstep_ddim(variants, z, ts, schedule, device)
+        for k, v in secs.items():
+            steps_best[k] = np.minimum(steps_best.get(k, np.inf), np.asarray(v))
+    return {k: float(v.sum()) for k, v in steps_best.items()}, outs
+
+
+def add_speedups(rows: List[Dict]) -> None:
+    """In place: wall, MACs and call-time speedups of every row against rows[0] (the N = 1 baseline) and
+    their ratios to the MACs speedup."""
+    b = rows[0]
+    for r in rows:
+        r["wall_speedup"] = b["wall_s"] / r["wall_s"]
+        r["macs_speedup"] = b["macs_per_image"] / r["macs_per_image"]
+        r["ratio"] = r["wall_speedup"] / r["macs_speedup"]
+        r["call_time_speedup"] = b["call_time_s"] / r["call_time_s"]
+        r["call_time_ratio"] = r["call_time_speedup"] / r["macs_speedup"]
+
+
 def time_calls(caches: Dict[tuple, DeepCache], adapter, z, device, rounds: int) -> Dict[tuple, Dict[str, float]]:
     """Seconds of one full and one partial call per cache (key: (mode, branch)): fastest of `rounds`
     rounds, every cache once per round.
@@ -237,13 +264,7 @@ def bench_model(name: str, batch: int, steps: int, modes: Sequence[str], interva
             rows.append(dict(interval=n, branch=m if n > 1 else None, full=n_full, partial=n_part,
                              wall_s=best[k], images_per_s=batch / best[k], macs_per_image=run_macs,
                              call_time_s=call_time))
-        b = rows[0]
-        for r in rows:
-            r["wall_speedup"] = b["wall_s"] / r["wall_s"]
-            r["macs_speedup"] = b["macs_per_image"] / r["macs_per_image"]
-            r["ratio"] = r["wall_speedup"] / r["macs_speedup"]
-            r["call_time_speedup"] = b["call_time_s"] / r["call_time_s"]
-            r["call_time_ratio"] = r["call_time_speedup"] / r["macs_speedup"]
+        add_speedups(rows)
         ref = outs[mode_variants[0]].double()
         for r, k in zip(rows, mode_variants):
             r["rel_dev"] = float((outs[k].double() - ref).norm() / ref.norm())

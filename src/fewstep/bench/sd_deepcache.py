@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..backbones.sd_unet import SDUNetAdapter
@@ -39,7 +38,7 @@ from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.cache import DeepCache
 from ..strategies.guidance import Guidance
 from .block_cache import time_calls
-from .deepcache import Conditioned, lockstep_ddim, machine
+from .deepcache import Conditioned, add_speedups, machine, warm_and_run
 
 # Stable Diffusion v1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), but sample_size
 SD15 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -88,16 +87,7 @@ def bench(batch: int, steps: int, latent: int, intervals: Sequence[int], branche
         for n in intervals:
             if n > 1:
                 variants[(n, m)] = denoiser(DeepCache(n, m, num_skips=adapter.num_skips))
-    with torch.no_grad():                                 # warm-up, untimed
-        for v in variants.values():
-            v.reset()
-            v(z, 999.0), v(z, 989.0)
-    steps_best: Dict[tuple, np.ndarray] = {}
-    for _ in range(repeats):
-        secs, outs = lockstep_ddim(variants, z, ts, schedule, torch.device("cpu"))
-        for k, v in secs.items():
-            steps_best[k] = np.minimum(steps_best.get(k, np.inf), np.asarray(v))
-    wall = {k: float(v.sum()) for k, v in steps_best.items()}
+    wall, outs = warm_and_run(variants, z, ts, schedule, repeats)
     per_call = time_calls({m: denoiser(DeepCache(2, m)) for m in branches}, z, rounds)
     ref = outs[(1, None)].double()
     rows = []
@@ -110,12 +100,7 @@ def bench(batch: int, steps: int, latent: int, intervals: Sequence[int], branche
                          macs_per_image=n_full * macs["full"] + (n_part * macs[kind] if kind else 0),
                          call_time_s=n_full * pc["full"] + (n_part * pc[kind] if kind else 0),
                          rel_dev=float((outs[(n, m)].double() - ref).norm() / ref.norm())))
-    for r in rows:
-        r["wall_speedup"] = rows[0]["wall_s"] / r["wall_s"]
-        r["macs_speedup"] = rows[0]["macs_per_image"] / r["macs_per_image"]
-        r["ratio"] = r["wall_speedup"] / r["macs_speedup"]
-        r["call_time_speedup"] = rows[0]["call_time_s"] / r["call_time_s"]
-        r["call_time_ratio"] = r["call_time_speedup"] / r["macs_speedup"]
+    add_speedups(rows)
     params = sum(p.numel() for p in unet.parameters())
     return dict(arch={k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}, params=params, batch=batch,
                 steps=steps, scale=SCALE, num_skips=adapter.num_skips, macs=macs,
