@@ -38,7 +38,7 @@ from ..fileio import write_text_atomic
 from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.block_cache import BlockCache
 from ..strategies.guidance import Guidance
-from .deepcache import Conditioned, add_speedups, machine, warm_and_run
+from .deepcache import Conditioned, add_speedups, cost_lines, machine, warm_and_run
 
 # DiT-XL/2 (Peebles & Xie 2023): 28 layers, hidden 1152, 16 heads, patch 2, 32 x 32 x 4 latent at 256 px
 ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=8,
@@ -147,16 +147,11 @@ def write_markdown(res: Dict, path: Path, machine_desc: str, note: str, command:
              "* first + last = blocks recomputed at a partial call (1 + 1: DeepCache's shallow path around the cached "
              "middle; 1 + 0: the split of diffusers' first-block cache, here on DeepCache's fixed schedule). "
              "rel. dev. = ||x_0 - x_0(N=1)|| / ||x_0(N=1)|| from the same noise (random weights: it only shows that "
-             "the cache changes the output).", "",
-             "MACs per image per call (2 rows): full " + f"{macs['full'] / 1e9:.2f} G; " + "; ".join(
-                 f"{k} {v / 1e9:.2f} G ({v / macs['full']:.1%} of full)" for k, v in macs.items() if k != "full"), "",
-             "Per call (guided, batch %d): " % res["batch"] + "; ".join(
-                 f"{b}: full {v['full'] * 1e3:.0f} ms, partial {v['partial@' + b] * 1e3:.0f} ms "
-                 f"(time {v['partial@' + b] / v['full']:.1%} vs MACs {macs['partial@' + b] / macs['full']:.1%} of full)"
-                 for b, v in res["per_call"].items()), "",
-             "| N | first + last | full / partial calls | wall s | GMACs/image | wall x | MACs x | wall /MACs | "
-             "call-time x | call-time /MACs | rel. dev. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the cache changes the output).", ""]
+    lines += cost_lines(macs, res["per_call"], res["batch"], str)
+    lines += ["| N | first + last | full / partial calls | wall s | GMACs/image | wall x | MACs x | wall /MACs | "
+              "call-time x | call-time /MACs | rel. dev. |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         fl = "-" if r["first"] is None else f"{r['first']} + {r['last']}"
         lines.append(f"| {r['interval']} | {fl} | {r['full']} / {r['partial']} | {r['wall_s']:.2f} | "

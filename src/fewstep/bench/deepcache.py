@@ -180,6 +180,17 @@ def add_speedups(rows: List[Dict]) -> None:
         r["call_time_ratio"] = r["call_time_speedup"] / r["macs_speedup"]
 
 
+def cost_lines(macs: Dict[str, float], per_call: Dict[str, Dict[str, float]], batch: int, label) -> List[str]:
+    """The markdown lines of a guided bench's per-call cost: MACs per image per call (2 rows: full and each
+    partial kind) and the per-call times per setting (`label(key)` names a per_call key, e.g. "m = 0")."""
+    return ["MACs per image per call (2 rows): full " + f"{macs['full'] / 1e9:.2f} G; " + "; ".join(
+                f"{k} {v / 1e9:.2f} G ({v / macs['full']:.1%} of full)" for k, v in macs.items() if k != "full"), "",
+            "Per call (guided, batch %d): " % batch + "; ".join(
+                f"{label(b)}: full {v['full'] * 1e3:.0f} ms, partial {v['partial@' + b] * 1e3:.0f} ms "
+                f"(time {v['partial@' + b] / v['full']:.1%} vs MACs {macs['partial@' + b] / macs['full']:.1%} of full)"
+                for b, v in per_call.items()), ""]
+
+
 def time_calls(caches: Dict[tuple, DeepCache], adapter, z, device, rounds: int) -> Dict[tuple, Dict[str, float]]:
     """Seconds of one full and one partial call per cache (key: (mode, branch)): fastest of `rounds`
     rounds, every cache once per round.

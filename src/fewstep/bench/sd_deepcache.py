@@ -38,7 +38,7 @@ from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.cache import DeepCache
 from ..strategies.guidance import Guidance
 from .block_cache import time_calls
-from .deepcache import Conditioned, add_speedups, machine, warm_and_run
+from .deepcache import Conditioned, add_speedups, cost_lines, machine, warm_and_run
 
 # Stable Diffusion v1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), but sample_size
 SD15 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -129,16 +129,11 @@ def write_markdown(res: Dict, path: Path):
              "resnet + cross-attention and conv_out; 1 = also the first down resnet + attention and the last two "
              "decoder layers). rel. dev. = ||x_0 - x_0(N=1)|| / ||x_0(N=1)|| from the same noise (random weights: "
              "it only shows that the cache changes the output).", "",
-             f"Paper anchor: {PAPER['speedup']}x at N = {PAPER['N']} ({PAPER['what']}).", "",
-             "MACs per image per call (2 rows): full " + f"{macs['full'] / 1e9:.2f} G; " + "; ".join(
-                 f"{k} {v / 1e9:.2f} G ({v / macs['full']:.1%} of full)" for k, v in macs.items() if k != "full"), "",
-             "Per call (guided, batch %d): " % res["batch"] + "; ".join(
-                 f"m = {m}: full {v['full'] * 1e3:.0f} ms, partial {v['partial@' + m] * 1e3:.0f} ms "
-                 f"(time {v['partial@' + m] / v['full']:.1%} vs MACs {macs['partial@' + m] / macs['full']:.1%} of full)"
-                 for m, v in res["per_call"].items()), "",
-             "| N | branch | full / partial calls | wall s | GMACs/image | wall x | MACs x | wall /MACs | "
-             "call-time x | call-time /MACs | rel. dev. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Paper anchor: {PAPER['speedup']}x at N = {PAPER['N']} ({PAPER['what']}).", ""]
+    lines += cost_lines(macs, res["per_call"], res["batch"], lambda m: f"m = {m}")
+    lines += ["| N | branch | full / partial calls | wall s | GMACs/image | wall x | MACs x | wall /MACs | "
+              "call-time x | call-time /MACs | rel. dev. |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['interval']} | {'-' if r['branch'] is None else r['branch']} | {r['full']} / {r['partial']} | "
                      f"{r['wall_s']:.2f} | {r['macs_per_image'] / 1e9:.1f} | {r['wall_speedup']:.2f}x | "
