@@ -49,8 +49,12 @@ def _dit_adapter():
 
 
 @pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
-def test_option_composes_and_instantiates(group, option, tmp_path):
+def test_option_composes_and_instantiates(group, option, tmp_path, request):
     overrides = [f"{group}={option}"] + PAIRED.get((group, option), [])
+    if (group, option) in (("dataset", "prompts"), ("backbone", "sd_unet")):   # text-to-image: the two go together
+        (tmp_path / "prompts.txt").write_text("a photo of the cat\n")
+        overrides += ["dataset=prompts", "backbone=sd_unet", f"dataset.path={tmp_path / 'prompts.txt'}",
+                      f"backbone.pretrained={request.getfixturevalue('tiny_sd_folder')}"]
     if group == "skip" and option == "learned":
         from fewstep.strategies.skip import save_learned_rho
         from fewstep.strategies.variance import model_id
@@ -61,7 +65,11 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_cfg(overrides)
     node = cfg[group] if group != "experiment" else cfg
     assert node is not None
-    if group == "dataset":
+    if group == "dataset" and option == "prompts":
+        from fewstep.data.prompts import read_prompts
+
+        assert read_prompts(cfg.dataset) == ["a photo of the cat"]
+    elif group == "dataset":
         from fewstep.data import dataset_shape
 
         shape = dataset_shape(cfg.dataset)
