@@ -124,6 +124,9 @@ BAD = [
     ("bad_dtype", lambda f, p, t: ["backbone.dtype=fp8"], "backbone.dtype must be one of"),
     ("hub_id_offline", lambda f, p, t: ["backbone.pretrained=nobody/no-such-pipeline"], "hub id not in the local cache"),
     ("clip_model_absent", lambda f, p, t: ["metrics=clip", f"metrics.clip_model={t / 'clip'}"], "not a CLIP model folder"),
+    ("analytic_variance", lambda f, p, t: ["sampler=ddim", "variance=analytic"], "use variance=fixed"),
+    ("train_sd_unet", lambda f, p, t: ["task=train"], "task=train does not take backbone=sd_unet"),
+    ("gamma_on_prompts", lambda f, p, t: ["task=gamma", "backbone=unet"], "task=gamma needs a dataset of images"),
 ]
 
 

@@ -355,6 +355,9 @@ def validate_text_cfg(cfg) -> None:
                           f"text conditioning needs a UNet2DConditionModel")
     read_prompts(cfg.dataset)
     latent_shape(cfg)
+    if cfg.variance.name != "fixed":
+        raise ConfigError(f"variance={cfg.variance.name} needs Gamma estimated over data images (task=gamma), which "
+                          f"dataset=prompts has none of: use variance=fixed")
     if cfg.metrics.fid:
         raise ConfigError(f"metrics={cfg.metrics.name} compares with reference images, which dataset=prompts has "
                           f"none of: use metrics=clip (CLIP score) or metrics=cost")
@@ -396,3 +399,14 @@ def text_run(cfg) -> dict:
     if cfg.guidance.name != "none":
         out["guidance_scale"] = float(cfg.guidance.scale)
     return out
+
+
+def check_text_task(cfg) -> None:
+    """One-line ConfigError for a task other than the sampling ones (evaluate, skip_norms, tune_rho) on a
+    text-to-image config: a pipeline folder is loaded, never trained, and a prompt file has no images."""
+    if cfg.backbone.name == "sd_unet":
+        raise ConfigError(f"task={cfg.task.name} does not take backbone=sd_unet (a pretrained pipeline folder: it "
+                          f"samples with task=evaluate, skip_norms or tune_rho)")
+    if cfg.dataset.name == "prompts":
+        raise ConfigError(f"task={cfg.task.name} needs a dataset of images; dataset=prompts holds text prompts (for "
+                          f"task=evaluate, skip_norms or tune_rho with backbone=sd_unet)")

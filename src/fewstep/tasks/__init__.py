@@ -177,6 +177,10 @@ def dispatch(cfg):
     try:
         if name in SAMPLING_TASKS:
             validate(cfg)
+        else:   # a pipeline folder and a prompt file only sample: no training, no Gamma over data images
+            from ..pipelines import check_text_task
+
+            check_text_task(cfg)
     except ValueError as e:
         fail(str(e))
     if name not in SAMPLING_TASKS:   # the sampling tasks record it once they hold their run folder
