@@ -166,3 +166,25 @@ def test_skip_norms_tune_rho_and_learned_rho_on_sd_unet(folder, prompts, tmp_pat
     monkeypatch.chdir(tmp_path / "e")
     r = dispatch(compose_cfg(base + ["skip=learned", f"skip.path={rho}"]))
     assert r["skip"] == "learned" and r["nfe"] == 3
+
+
+@torch.no_grad()
+def test_clip_score_is_torchmetrics_clip_score_of_each_image_and_its_prompt(clip_folder):
+    """metrics=clip: 100 * mean cos(E_image, E_prompt), clamped at 0 (torchmetrics' CLIPScore), each image scored
+    against its own prompt; checked against the CLIP model's own embeddings."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fewstep.images import to_uint8
+    from fewstep.metrics.clip_score import ClipScore
+
+    imgs = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a cat", "the dog", "a tree", "an oil painting", "a red car", "the sea"]
+    model, proc = CLIPModel.from_pretrained(str(clip_folder)), CLIPProcessor.from_pretrained(str(clip_folder))
+    out = model(**proc(text=prompts, images=list(to_uint8(imgs)), return_tensors="pt", padding=True))
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    keep = [i for i in range(6) if cos[i] > 0]            # a random CLIP: score the pairs it finds alike
+    assert keep
+    m = ClipScore(clip_folder)
+    m.update(imgs[keep[:1]], [prompts[keep[0]]])
+    m.update(imgs[keep[1:]], [prompts[i] for i in keep[1:]])
+    assert m.compute()["clip_score"] == pytest.approx(100 * cos[keep].mean().item(), rel=1e-4)
