@@ -149,3 +149,20 @@ def test_half_precision_weights(folder):
     assert eps[0].dtype == torch.float32 and torch.isfinite(eps[0]).all()
     assert 0 < relative_error(eps[0], eps[1]) < 0.1
     assert pipe16.decode(x).dtype == torch.float32
+
+
+@torch.no_grad()
+def test_diffusers_sampler_with_the_pipelines_scheduler_settings_reproduces_its_ddim(parts, reference):
+    """sampler=diffusers sampler.scheduler=DDIMScheduler with the folder's spacing settings (steps_offset 1,
+    set_alpha_to_one false, clip_sample false) is the pipeline's own DDIM, final jump to alpha_bar_0 included."""
+    from diffusers import DDIMScheduler
+
+    from fewstep.samplers.diffusers_sampler import sample_diffusers
+
+    kw = {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
+    x, ref, _, _ = _fewstep_and_diffusers(
+        parts, reference, DDIMScheduler,
+        lambda model, z, ts, schedule, extra_args: sample_diffusers(model, z, schedule, "DDIMScheduler", STEPS, kw,
+                                                                    extra_args=extra_args))
+    assert {k: reference.sd_scheduler_config[k] for k in kw} == kw
+    assert relative_error(x, ref) <= 1e-4
