@@ -129,6 +129,15 @@ def test_bad_pipeline_folders_are_one_line(folder, tmp_path):
         shutil.rmtree(broken / part)
         with pytest.raises(ConfigError, match=msg):
             load_pipeline(backbone_cfg(broken))
+    pickled = tmp_path / "pickled"             # weights as a pickle (pytorch_model.bin): refused, never unpickled
+    shutil.copytree(folder, pickled)
+    from safetensors.torch import load_file
+
+    state = load_file(str(pickled / "text_encoder" / "model.safetensors"))
+    (pickled / "text_encoder" / "model.safetensors").unlink()
+    torch.save(state, pickled / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="its text_encoder is not a loadable CLIPTextModel"):
+        load_pipeline(backbone_cfg(pickled))
     with pytest.raises(ConfigError, match="set backbone.schedule to match"):
         load_pipeline(backbone_cfg(folder, schedule={"kind": "linear", "n": 1000, "beta_start": 1e-4, "beta_end": 0.02}))
     with pytest.raises(ConfigError, match="backbone.parameterization=eps"):

@@ -188,7 +188,8 @@ def load_pipeline(cfg_backbone, device="cpu"):
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
                       ("tokenizer", CLIPTokenizer)):
         try:
-            kw = {} if name == "tokenizer" else {"torch_dtype": dtype}
+            # weights from safetensors only: a pickle (pytorch_model.bin) in a user's folder is never unpickled
+            kw = {} if name == "tokenizer" else {"torch_dtype": dtype, "use_safetensors": True}
             if name in ("unet", "vae") and not importlib.util.find_spec("accelerate"):
                 kw["low_cpu_mem_usage"] = False   # diffusers only warns and falls back without accelerate
             parts[name] = cls.from_pretrained(str(path), subfolder=name, local_files_only=True, **kw)

@@ -58,7 +58,7 @@ class ClipScore:
 
         def load():
             try:
-                return _Projected(CLIPModel.from_pretrained(str(p), local_files_only=True).eval()), \
+                return _Projected(CLIPModel.from_pretrained(str(p), local_files_only=True, use_safetensors=True).eval()), \
                     CLIPProcessor.from_pretrained(str(p), local_files_only=True)
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
