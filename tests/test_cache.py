@@ -75,13 +75,15 @@ def _dec_modules(unet):
 
 
 @torch.no_grad()
-def _hand_partial(unet, x, t, u_cached, m):
-    """Shallow path of a DeepCache partial step, run with diffusers' own blocks (not the adapter)."""
+def _hand_partial(unet, x, t, u_cached, m, text=None):
+    """Shallow path of a DeepCache partial step, run with diffusers' own blocks (not the adapter). text: the
+    encoder_hidden_states of a UNet2DConditionModel, for its cross-attention blocks."""
     emb = unet.time_embedding(unet.time_proj(t).to(unet.dtype))
     h = unet.conv_in(x)
     res = [h]
     for blk in unet.down_blocks:          # the whole encoder: d_0..d_m do not depend on deeper layers
-        h, r = blk(hidden_states=h, temb=emb)
+        cross = {"encoder_hidden_states": text} if getattr(blk, "has_cross_attention", False) else {}
+        h, r = blk(hidden_states=h, temb=emb, **cross)
         res += list(r)
     res = res[: m + 1]
     layers = _dec_layers(unet)
@@ -90,15 +92,16 @@ def _hand_partial(unet, x, t, u_cached, m):
         blk = unet.up_blocks[b]
         h = blk.resnets[j](torch.cat([h, res.pop()], dim=1), emb)
         if getattr(blk, "attentions", None) is not None:
-            h = blk.attentions[j](h)
+            h = blk.attentions[j](h) if text is None else \
+                blk.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
         if last and blk.upsamplers is not None:
             h = blk.upsamplers[0](h)
     return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
 
 
-def _capture_u(unet, x, t, m):
+def _capture_u(unet, x, t, m, text=None):
     """The decoder feature u entering the resnet that consumes skip m, captured by a pre-hook on
-    diffusers' own forward (its input is cat([u, d_m]))."""
+    diffusers' own forward (its input is cat([u, d_m])); text: a UNet2DConditionModel's encoder_hidden_states."""
     layers = _dec_layers(unet)
     b, j, _ = layers[len(layers) - 1 - m]
     got = {}
@@ -109,7 +112,7 @@ def _capture_u(unet, x, t, m):
     hdl = unet.up_blocks[b].resnets[j].register_forward_pre_hook(pre)
     try:
         with torch.no_grad():
-            unet(x, t)
+            unet(x, t, **({} if text is None else {"encoder_hidden_states": text}))
     finally:
         hdl.remove()
     d_channels = _enc_channels(unet)[m]

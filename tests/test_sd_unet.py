@@ -4,7 +4,7 @@ diffusers' own blocks)."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_cache import _dec_layers
+from test_cache import _capture_u, _hand_partial
 
 from fewstep.backbones.sd_unet import SDUNetAdapter
 from fewstep.strategies.cache import DeepCache
@@ -123,47 +123,6 @@ def test_freeu_equals_diffusers_enable_freeu(config):
 
 
 # ---------------------------------------------------------------------------- DeepCache
-def _capture_u(unet, x, t, text, m):
-    """The decoder feature u entering the resnet that consumes skip m (a pre-hook on diffusers' forward;
-    its input is cat([u, d_m]))."""
-    layers = _dec_layers(unet)
-    b, j, _ = layers[len(layers) - 1 - m]
-    got = {}
-    def pre(mod, args):
-        got["in"] = args[0]
-
-    hdl = unet.up_blocks[b].resnets[j].register_forward_pre_hook(pre)
-    try:
-        unet(x, t, encoder_hidden_states=text)
-    finally:
-        hdl.remove()
-    return got["in"]
-
-
-def _hand_partial(unet, x, t, text, u_cached, m):
-    """DeepCache's shallow path run with diffusers' own blocks: the down blocks (res_samples d_0..d_m), then
-    the decoder layers that consume d_m..d_0 from the cached u, then the head."""
-    emb = unet.time_embedding(unet.time_proj(t).to(unet.dtype))
-    h = unet.conv_in(x)
-    res = [h]
-    for blk in unet.down_blocks:
-        if getattr(blk, "has_cross_attention", False):
-            h, r = blk(hidden_states=h, temb=emb, encoder_hidden_states=text)
-        else:
-            h, r = blk(hidden_states=h, temb=emb)
-        res += list(r)
-    res = res[: m + 1]
-    layers = _dec_layers(unet)
-    h = u_cached
-    for b, j, last in layers[len(layers) - (m + 1):]:
-        blk = unet.up_blocks[b]
-        h = blk.resnets[j](torch.cat([h, res.pop()], dim=1), emb)
-        if getattr(blk, "attentions", None) is not None:
-            h = blk.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
-        if last and blk.upsamplers is not None:
-            h = blk.upsamplers[0](h)
-    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
-
 
 @pytest.mark.parametrize("config", [TINY, SD_LAYOUT], ids=["tiny", "sd-layout"])
 @torch.no_grad()
@@ -177,10 +136,9 @@ def test_deepcache_partial_equals_hand_run_of_the_shallow_blocks(config):
     for m in (range(a.num_skips) if config is TINY else (0, 1, 2, 6, k)):
         out, cache = a.forward_full(x0, t0, m, encoder_hidden_states=text)
         assert (out - unet(x0, t0, encoder_hidden_states=text).sample).abs().max() <= 1e-6
-        u = _capture_u(unet, x0, t0, text, m)
-        assert torch.allclose(cache[0], u[:, : cache[0].shape[1]], atol=1e-6, rtol=0)
+        assert torch.allclose(cache[0], _capture_u(unet, x0, t0, m, text=text), atol=1e-6, rtol=0)
         part = a.forward_partial(x1, t1, cache, m, encoder_hidden_states=text)
-        ref = _hand_partial(unet, x1, t1, text, cache[0], m)
+        ref = _hand_partial(unet, x1, t1, cache[0], m, text=text)
         assert (part - ref).abs().max().item() <= 1e-6
         # a partial call at the state of the full call is the full call
         assert (a.forward_partial(x0, t0, cache, m, encoder_hidden_states=text) - out).abs().max() <= 1e-5
