@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -38,7 +37,7 @@ from ..fileio import write_text_atomic
 from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.block_cache import BlockCache
 from ..strategies.guidance import Guidance
-from .deepcache import Conditioned, add_speedups, cost_lines, machine, warm_and_run
+from .deepcache import Conditioned, add_speedups, cost_lines, measured, warm_and_run
 
 # DiT-XL/2 (Peebles & Xie 2023): 28 layers, hidden 1152, 16 heads, patch 2, 32 x 32 x 4 latent at 256 px
 ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=8,
@@ -169,19 +168,12 @@ def main(out_dir: str = "experiments/bench", quick: bool = False, layers: Option
     batch, steps = size or (QUICK["size"] if quick else SIZE)
     if 1 not in intervals:
         intervals = (1,) + tuple(intervals)
-    load0 = os.getloadavg()[0]
-    start = time.perf_counter()
-    res = bench(layers, batch, steps, intervals, [tuple(b) for b in blocks], repeats, rounds, arch)
-    total = time.perf_counter() - start
-    load1 = os.getloadavg()[0]
-    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    text = (f"OMP_NUM_THREADS={threads}; {repeats} lock-step repeat(s), per-call times fastest of {rounds} rounds; "
-            f"1-min load average at start / end: {load0:.1f} / {load1:.1f} (on {os.cpu_count()} CPUs).")
-    res.update(machine=machine(), note=(note + " " if note else "") + text, total_s=total, command=command)
+    res = measured(lambda: bench(layers, batch, steps, intervals, [tuple(b) for b in blocks], repeats, rounds, arch),
+                   repeats, rounds, note, command)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "block_cache.json", json.dumps(res, indent=1))
-    write_markdown(res, out / "block_cache.md", res["machine"], res["note"], command, total)
+    write_markdown(res, out / "block_cache.md", res["machine"], res["note"], command, res["total_s"])
     print((out / "block_cache.md").read_text())
     return res
 

@@ -191,6 +191,20 @@ def cost_lines(macs: Dict[str, float], per_call: Dict[str, Dict[str, float]], ba
                 for b, v in per_call.items()), ""]
 
 
+def measured(run, repeats: int, rounds: int, note: str, command: str) -> Dict:
+    """res = run() with what made it: the machine, the note plus threads, repeats, rounds and the load average
+    at start / end, the total time and the command."""
+    load0 = os.getloadavg()[0]
+    start = time.perf_counter()
+    res = run()
+    total = time.perf_counter() - start
+    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    text = (f"OMP_NUM_THREADS={threads}; {repeats} lock-step repeat(s), per-call times fastest of {rounds} rounds; "
+            f"1-min load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs).")
+    res.update(machine=machine(), note=(note + " " if note else "") + text, total_s=total, command=command)
+    return res
+
+
 def time_calls(caches: Dict[tuple, DeepCache], adapter, z, device, rounds: int) -> Dict[tuple, Dict[str, float]]:
     """Seconds of one full and one partial call per cache (key: (mode, branch)): fastest of `rounds`
     rounds, every cache once per round.

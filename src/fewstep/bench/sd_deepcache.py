@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -38,7 +36,7 @@ from ..schedule import NoiseSchedule, select_timesteps
 from ..strategies.cache import DeepCache
 from ..strategies.guidance import Guidance
 from .block_cache import time_calls
-from .deepcache import Conditioned, add_speedups, cost_lines, machine, warm_and_run
+from .deepcache import Conditioned, add_speedups, cost_lines, measured, warm_and_run
 
 # Stable Diffusion v1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), but sample_size
 SD15 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -151,14 +149,8 @@ def main(out_dir: str = "experiments/bench", quick: bool = False, size: Optional
     latent = latent or (QUICK["latent"] if quick else SD15["sample_size"])
     if 1 not in intervals:
         intervals = (1,) + tuple(intervals)
-    load0 = os.getloadavg()[0]
-    start = time.perf_counter()
-    res = bench(batch, steps, latent, intervals, list(branches), repeats, rounds, arch)
-    total = time.perf_counter() - start
-    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    text = (f"OMP_NUM_THREADS={threads}; {repeats} lock-step repeat(s), per-call times fastest of {rounds} rounds; "
-            f"1-min load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs).")
-    res.update(machine=machine(), note=(note + " " if note else "") + text, total_s=total, command=command)
+    res = measured(lambda: bench(batch, steps, latent, intervals, list(branches), repeats, rounds, arch),
+                   repeats, rounds, note, command)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "sd_deepcache.json", json.dumps(res, indent=1))
