@@ -36,7 +36,10 @@ alive() {  # alive NAME: the pid in $STATE/NAME.pid runs a process called NAME
     [[ -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$1" ]]
 }
 
-node_state() { SLURM_CONF=$CONF timeout 10 sinfo -h -N -o %t 2>/dev/null | head -1; }
+node_state() {  # idle, mix, alloc, down, ... of the node; nothing when no slurmctld answers
+    [[ -s $CONF ]] || return 0
+    SLURM_CONF=$CONF timeout 10 sinfo -h -N -o %t 2>/dev/null | head -1 || true
+}
 
 install() {
     local missing=()
@@ -58,7 +61,7 @@ install() {
 write_conf() {
     local host cpus mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc honours OMP_NUM_THREADS: not for this
     mem_mb=$(awk '/^MemTotal:/ {m = int($2 / 1024) - 1024; print (m < 512 ? 512 : m)}' /proc/meminfo)
     cat >"$CONF" <<EOF
 $MARK ($(date -u +%FT%TZ)): a single-node cluster
@@ -135,6 +138,7 @@ up() {
     if alive slurmctld && alive slurmd && [[ $(node_state) =~ ^(idle|mix|alloc) ]]; then
         say "already up ($(node_state)): SLURM_CONF=$CONF"; return 0
     fi
+    [[ $(id -u) == 0 ]] || cannot "not root (the daemons run as root here; a cluster of your own: see README)"
     install
     # munge: a key, its run/state dirs, and a munged unless one already answers
     if [[ ! -s /etc/munge/munge.key ]]; then
@@ -156,7 +160,7 @@ up() {
     stop_slurm_only
     write_conf
     export SLURM_CONF=$CONF
-    start slurmctld slurmctld -D -i -f "$CONF" || { stop; return 1; }
+    start slurmctld slurmctld -D -c -i -f "$CONF" || { stop; return 1; }
     start slurmd slurmd -D -f "$CONF" || { stop; return 1; }
     local s=""
     for i in $(seq 120); do
@@ -173,7 +177,7 @@ up() {
         tail -15 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" "$STATE"/log/*.out 2>/dev/null || true
         stop; return 1
     fi
-    say "up: node $(hostname -s) $s, $(nproc) CPUs; SLURM_CONF=$CONF"
+    say "up: node $(hostname -s) $s, $(awk -F"CPUs=" '/^NodeName=/ {split($2, a, " "); print a[1]}' "$CONF") CPUs; SLURM_CONF=$CONF"
 }
 
 stop_slurm_only() {  # slurmctld / slurmd of an earlier `up` whose node never came idle

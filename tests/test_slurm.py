@@ -9,6 +9,7 @@ launcher asks for none by itself (on this GPU-less node a GPU request could neve
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import subprocess
@@ -22,9 +23,22 @@ from conftest import REPO, compose_cfg
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 TIMING_KEYS = {"wall_time_s", "images_per_s", "world_size", "config_hash"}   # config_hash: the trainer differs
-COMMON = ["-m", "hydra/launcher=submitit_slurm", "experiment=gmm_demo", "n_samples=64", "batch_size=64", "logger=none",
-          "resume=true", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-          "hydra.launcher.timeout_min=5", "hydra.launcher.status_poll_s=1"]
+
+
+def readme_example(trainer: str):
+    """The arguments of the README's SLURM example with `trainer` (its Scaling out section)."""
+    prefix = "python run.py -m hydra/launcher=submitit_slurm "
+    (line,) = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()
+               if ln.strip().startswith(prefix) and f" trainer={trainer} " in f"{ln} "]
+    return line.split()[2:]
+
+
+README_CPU = readme_example("cpu")    # -m hydra/launcher=submitit_slurm ... trainer=cpu experiment=gmm_demo sampler.steps=3,5
+# every job here: the README's CPU example's launcher and experiment, tiny (64 samples), with resume and fast polls
+COMMON = [a for a in README_CPU if not a.startswith(("trainer=", "sampler.steps="))] + [
+    "n_samples=64", "batch_size=64", "logger=none", "resume=true", "hydra.launcher.timeout_min=5",
+    "hydra.launcher.status_poll_s=1"]
+SWEEP = [a for a in README_CPU if a.startswith(("trainer=", "sampler.steps="))]   # trainer=cpu sampler.steps=3,5
 
 
 def hold(base: Path, name: str, first_attempt_only: bool = False):
@@ -53,6 +67,15 @@ def test_gpus_per_node_auto_follows_the_trainer():
             assert gpus_per_node(cfg.hydra.launcher.gpus_per_node, cfg.trainer) == want, trainer
             assert cfg.hydra.launcher.tasks_per_node == devices
     assert gpus_per_node(None, compose_cfg(["trainer=gpu"]).trainer) is None      # set by hand: as it is
+    # the README's GPU example asks for 4 GPUs and 4 tasks per node on partition gpu
+    gpu = readme_example("ddp")
+    assert gpu[:2] == ["-m", "hydra/launcher=submitit_slurm"] and "hydra.launcher.gpus_per_node" not in " ".join(gpu)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[a for a in gpu[1:] if "," not in a])
+    assert gpus_per_node(cfg.hydra.launcher.gpus_per_node, cfg.trainer) == 4
+    assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.partition) == (4, "gpu")
+    assert "hydra.launcher.gpus_per_node" not in " ".join(README_CPU)
     assert gpus_per_node(2, compose_cfg(["trainer=cpu"]).trainer) == 2
     with pytest.raises(ConfigError, match="hydra.launcher.gpus_per_node"):
         gpus_per_node("auto", compose_cfg(["trainer=ddp", "trainer.devices=-1"]).trainer)
@@ -65,13 +88,27 @@ def cluster(request):
     fixture started it (a cluster already up, e.g. started by .ci/run, is left to whoever started it)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def skip(reason):
+        if reporter is not None:   # on the terminal, not in the captured output of the test that asked first
+            with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+                reporter.write_line(f"\ntests/test_slurm.py: the cluster tests are skipped: {reason}", yellow=True)
+        pytest.skip(reason)
+
+    # one test session at a time on the cluster (its state folder): another one skips, saying so
+    state = Path(os.environ.get("FEWSTEP_SLURM_DIR", "/tmp/fewstep-slurm"))
+    state.mkdir(parents=True, exist_ok=True)
+    lock = open(state / "pytest.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        skip(f"the cluster in {state} is in use by another test session")
     was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True).returncode == 0
     p = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     if p.returncode == 3:
-        reason = "no SLURM cluster: " + (p.stdout.strip().splitlines() or ["slurm_cluster.sh up: exit 3"])[-1]
-        if reporter is not None:
-            reporter.write_line(f"\ntests/test_slurm.py: cluster tests skipped: {reason}", yellow=True)
-        pytest.skip(reason)
+        lock.close()
+        skip("no SLURM cluster: " + (p.stdout.strip().splitlines() or ["slurm_cluster.sh up: exit 3"])[-1])
     assert p.returncode == 0, f"scripts/slurm_cluster.sh up failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-2000:]}"
     conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True).stdout.strip().split("=", 1)[1]
     try:
@@ -81,6 +118,7 @@ def cluster(request):
             d = subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=120)
             if reporter is not None and d.returncode != 0:
                 reporter.write_line(f"scripts/slurm_cluster.sh down: {d.stdout[-1000:]} {d.stderr[-1000:]}")
+        lock.close()
 
 
 def job_env(cluster):
@@ -109,7 +147,9 @@ class Submission:
         return self.out.read_text()
 
     def report(self) -> str:
-        text = [self.out.read_text()[-3000:]]
+        queue = subprocess.run(["squeue", "--states=all", "-o", "%i %T %r %C %j"], env=self.env, capture_output=True,
+                               text=True).stdout
+        text = [self.out.read_text()[-3000:], f"--- squeue\n{queue}"]
         for log in sorted(self.sweep.glob(".submitit/*/*log.*"))[-4:]:
             text.append(f"--- {log}\n{log.read_text()[-1500:]}")
         return "\n".join(text)
@@ -132,14 +172,15 @@ def submissions(cluster, tmp_path_factory):
     (base / "cancel.hold").touch()
     (base / "timeout.hold").touch()
     subs = {
-        "sweep": Submission(base, "sweep", ["sampler.steps=3,5"], env),
+        "sweep": Submission(base, "sweep", SWEEP, env),
         "ddp": Submission(base, "ddp", ["sampler.steps=3", "trainer=ddp_cpu", "trainer.devices=2"], env),
-        "cancel": Submission(base, "cancel", ["sampler.steps=4", *hold(base, "cancel")], env),
+        "cancel": Submission(base, "cancel", ["trainer=cpu", "sampler.steps=4", *hold(base, "cancel")], env),
         # submitit's USR2 comes signal_delay_s before the 1-minute limit; slurmctld looks every 30 s and signals
         # once fewer than signal_delay_s + 30 s are left: 29-59 s after the start. A timeout to submitit, which
         # requeues the job (max_num_timeout); the requeued run does not wait (one more timeout allowed, should it
         # take more than 29 s on a busy machine)
-        "timeout": Submission(base, "timeout", ["sampler.steps=6", *hold(base, "timeout", first_attempt_only=True),
+        "timeout": Submission(base, "timeout", ["trainer=cpu", "sampler.steps=6",
+                                                *hold(base, "timeout", first_attempt_only=True),
                                                 "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1",
                                                 "hydra.launcher.max_num_timeout=2"], env),
     }
@@ -198,7 +239,7 @@ def test_finished_sweep_resubmitted_with_resume_submits_no_job(submissions):
     jobs, ids = s.jobs(), s.job_ids()
     stamps = {j: (j / "metrics.json").stat().st_mtime_ns for j in jobs}
     assert len(jobs) == 2, s.report()
-    again = Submission(base, "sweep", ["sampler.steps=3,5"], env)
+    again = Submission(base, "sweep", SWEEP, env)
     out = again.wait(120)
     assert again.proc.returncode == 0, again.report()
     assert out.count("not submitted") == 2 and "nothing submitted" in out, out[-2000:]
@@ -242,7 +283,7 @@ def test_job_cancelled_mid_run_leaves_no_metrics_and_the_resumed_sweep_runs_it_a
     (folder,) = [p for p in c.sweep.glob("[0-9]*") if p.is_dir()]
     assert not (folder / "metrics.json").exists()
     (base / "cancel.hold").unlink()
-    again = Submission(base, "cancel", ["sampler.steps=4", *hold(base, "cancel")], env)
+    again = Submission(base, "cancel", ["trainer=cpu", "sampler.steps=4", *hold(base, "cancel")], env)
     again.wait(180)
     assert again.proc.returncode == 0, again.report()
     assert json.loads((folder / "metrics.json").read_text())["nfe"] == 4
