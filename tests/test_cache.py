@@ -14,7 +14,8 @@ from fewstep.config import group
 from fewstep.denoiser import Denoiser
 from fewstep.samplers.ddim import sample_ddim
 from fewstep.schedule import NoiseSchedule, select_timesteps
-from fewstep.strategies.cache import (DeepCache, _sdpa_math, build_cache, nonuniform_full_steps,
+from fewstep.metrics.cost import attention_as_matmuls
+from fewstep.strategies.cache import (DeepCache, build_cache, nonuniform_full_steps,
                                       uniform_full_steps, validate_cache_cfg)
 
 torch.set_num_threads(1)
@@ -163,7 +164,7 @@ def test_interval_one_is_identical_to_no_cache(adapter):
 
 # ---------------------------------------------------------------------------- MACs
 def _module_flops(unet, x, t):
-    with torch.no_grad(), _sdpa_math():
+    with torch.no_grad(), attention_as_matmuls():
         with FlopCounterMode(display=False) as fc:
             unet(x, t)
     counts = fc.get_flop_counts()
@@ -362,3 +363,24 @@ def test_compile_matches_eager():
                            "(verified by hand and by the DeepCache bench, which runs compiled)")
 def test_compile_inductor_matches_eager():
     _compiled_vs_eager("inductor")
+
+
+def test_count_macs_counts_attention_like_deepcache_does():
+    """One MACs convention: an uncached call and DeepCache's full call of the same network count the same
+    MACs, attention included (FlopCounterMode does not see the fused CPU attention kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fewstep.backbones.uvit import UViT
+    from fewstep.metrics.cost import count_macs
+
+    net = UViT().eval()
+    x, t = torch.randn(1, 1, 28, 28), torch.tensor([5.0])
+    with torch.no_grad(), FlopCounterMode(display=False) as fused:   # the default kernels: attention unseen
+        net(x, t)
+    with torch.no_grad(), attention_as_matmuls(), FlopCounterMode(display=False) as math:
+        net(x, t)
+    assert math.get_total_flops() > fused.get_total_flops()          # the difference is the attention
+    assert count_macs(net, x, t) == math.get_total_flops() // 2
+    from fewstep.backbones.uvit import UViTAdapter
+    adapter = UViTAdapter(net)
+    assert DeepCache(interval=2, branch=0).measure_macs(adapter, x)["full"] == count_macs(adapter, x, t)

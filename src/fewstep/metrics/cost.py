@@ -3,7 +3,9 @@
 MACs are counted by torch.utils.flop_counter.FlopCounterMode on a batch-1 call
 (MACs = FLOPs / 2: it counts 2 FLOPs per multiply-add of matmuls, convolutions and
 attention; elementwise ops, norms and activations are not counted, as in the usual
-"MACs" of papers). A Denoiser records how many batched calls of each kind a run made
+"MACs" of papers). Attention is counted through the math path of scaled_dot_product_attention
+(`attention_as_matmuls`): the fused CPU kernels are invisible to FlopCounterMode, so without it a
+network's attention would count as free in some calls and not in others. A Denoiser records how many batched calls of each kind a run made
 (`model.calls`: "full", and e.g. "partial@m" for DeepCache); every batched call
 processes each sample once, so
 
@@ -18,10 +20,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def attention_as_matmuls():
+    """Run scaled_dot_product_attention as its two matmuls, so that FlopCounterMode counts attention (it
+    does not see the fused CPU kernels); every MACs count in fewstep is taken inside it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @torch.no_grad()
 def count_macs(fn: Callable, *args, **kwargs) -> int:
-    """MACs of one call fn(*args, **kwargs) (FLOPs / 2 as counted by FlopCounterMode)."""
-    with FlopCounterMode(display=False) as counter:
+    """MACs of one call fn(*args, **kwargs) (FLOPs / 2 as counted by FlopCounterMode), attention included."""
+    with attention_as_matmuls(), FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2
 

@@ -37,7 +37,8 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError, check
-from .cache import DeepCache, _is_int, _sdpa_math, validate_cache_cfg
+from ..metrics.cost import attention_as_matmuls
+from .cache import DeepCache, _is_int, validate_cache_cfg
 
 BLOCK_CACHE_BACKBONES = ("dit",)
 
@@ -117,7 +118,7 @@ class BlockCache(DeepCache):
         require_block_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        with _sdpa_math():
+        with attention_as_matmuls():
             with FlopCounterMode(display=False) as fc:
                 _, cache = backbone.forward_block_full(x, tb, blocks=self.blocks, **cond)
             full = fc.get_total_flops()

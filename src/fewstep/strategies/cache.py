@@ -132,16 +132,6 @@ def nonuniform_full_steps(total_calls: int, interval: int, center: Optional[int]
 
 
 # ---------------------------------------------------------------------------- the cache
-def _sdpa_math():
-    """Count attention as matmuls: FlopCounterMode does not see the fused CPU SDPA kernels."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # older torch
-        import contextlib
-        return contextlib.nullcontext()
-
-
 class DeepCache:
     """Callable cache strategy: ``cache(backbone, x, t_batch) -> (out, kind)``, kind "full" or "partial@m".
 
@@ -260,10 +250,12 @@ class DeepCache:
         Runs the eager forwards once each on `x`; attention is counted through the math SDPA path.
         """
         from torch.utils.flop_counter import FlopCounterMode
+
+        from ..metrics.cost import attention_as_matmuls
         require_partial_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        with _sdpa_math():
+        with attention_as_matmuls():
             with FlopCounterMode(display=False) as fc:
                 _, cache = backbone.forward_full(x, tb, branch=self.branch, **cond)
             full = fc.get_total_flops()
