@@ -270,7 +270,7 @@ def write_outputs(cfg, out: Path, result: dict, samples: torch.Tensor, arrays: O
             savez(out / "samples.npz", images=to_uint8(samples).numpy())
     result = write_result(out, hashed if hashed is not None else cfg, result)  # its presence: the run finished
     print_table(result, [k for k in ("nfe", "macs_per_sample", "wall_time_s", "images_per_s", "fid", "fid_se", "precision",
-                                     "recall", "inception_score", "class_accuracy", "nll_bpd", "nll_bpd_se", "mean_err", "cov_err", "data_loglik") if k in result])
+                                     "recall", "inception_score", "class_accuracy", "clip_score", "nll_bpd", "nll_bpd_se", "mean_err", "cov_err", "data_loglik") if k in result])
     print(f"[fewstep] results in {out}")
     logger = RunLogger(cfg)   # after the results: a logger failure is a warning line (outputs.RunLogger)
     try:
