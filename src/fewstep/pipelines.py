@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -273,10 +273,6 @@ def write_tiny_pipeline(out, seed: int = 0):
     sched = out / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({**json.loads(sched.read_text()), **SD_SCHEDULER_EXTRA}, indent=2) + "\n")
     return pipe
-
-
-def prompt_list(prompts: Optional[List[str]]) -> List[str]:
-    return [str(p) for p in (prompts or [])]
 
 
 # ---------------------------------------------------------------------------- fewstep's parts from the config

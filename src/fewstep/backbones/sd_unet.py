@@ -83,8 +83,3 @@ class SDUNetAdapter(UNetAdapter):
         if u.conv_norm_out is not None:
             h = u.conv_act(u.conv_norm_out(h))
         return u.conv_out(h)
-
-
-def text_conditional(unet) -> bool:
-    """Whether a UNet2DConditionModel's attentions read a text embedding (cross_attention_dim set)."""
-    return bool(getattr(unet.config, "cross_attention_dim", None))
