@@ -61,8 +61,9 @@ def pipeline_folder(pretrained: str) -> Path:
         from huggingface_hub import snapshot_download
 
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        return Path(snapshot_download(str(pretrained), local_files_only=offline,
-                                      allow_patterns=["model_index.json"] + [f"{c}/*" for c in COMPONENTS]))
+        # the five parts' configs, tokenizer files and safetensors weights only (no pickled .bin duplicates)
+        patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in COMPONENTS for ext in ("json", "txt", "safetensors")]
+        return Path(snapshot_download(str(pretrained), local_files_only=offline, allow_patterns=patterns))
     except Exception:
         raise ConfigError(f"backbone.pretrained={pretrained}: hub id not in the local cache and not reachable (offline: "
                           f"HF_HUB_OFFLINE=1); download it where there is internet (hf download "
