@@ -101,8 +101,7 @@ def test_slurm_launcher_config_composes_only_when_selected():
                                  "trainer.devices=4", "trainer.num_nodes=2"])
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.fewstep_slurm.launcher.SlurmLauncher"   # fewstep.slurm
-    # gpus_per_node=auto: trainer.devices GPUs for a gpu trainer, none for cpu (tests/test_slurm.py)
-    assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == ("gpu", 4, "auto", 2)
+    assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == ("gpu", 4, 4, 2)
     assert launcher.timeout_min > 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_cfg
+from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 TIMING_KEYS = {"wall_time_s", "images_per_s", "world_size", "config_hash"}   # config_hash: the trainer differs
@@ -36,8 +36,7 @@ def readme_example(trainer: str):
 README_CPU = readme_example("cpu")    # -m hydra/launcher=submitit_slurm ... trainer=cpu experiment=gmm_demo sampler.steps=3,5
 # every job here: the README's CPU example's launcher and experiment, tiny (64 samples), with resume and fast polls
 COMMON = [a for a in README_CPU if not a.startswith(("trainer=", "sampler.steps="))] + [
-    "n_samples=64", "batch_size=64", "logger=none", "resume=true", "hydra.launcher.timeout_min=5",
-    "hydra.launcher.status_poll_s=1"]
+    "n_samples=64", "batch_size=64", "logger=none", "resume=true", "hydra.launcher.timeout_min=5"]
 SWEEP = [a for a in README_CPU if a.startswith(("trainer=", "sampler.steps="))]   # trainer=cpu sampler.steps=3,5
 
 
@@ -49,36 +48,36 @@ def hold(base: Path, name: str, first_attempt_only: bool = False):
 
 
 # -------------------------------------------------------------------------------- without a cluster
-def test_gpus_per_node_auto_follows_the_trainer():
+def test_gpus_per_node_follows_the_trainer():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from omegaconf.errors import InterpolationResolutionError
+
     from conftest import CONF
-    from fewstep.config import ConfigError
-    from fewstep.slurm import gpus_per_node
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for trainer, devices, want in (("cpu", 1, None), ("ddp_cpu", 2, None), ("gpu", 1, 1), ("ddp", 4, 4)):
-            cfg = compose(config_name="config", return_hydra_config=True,
-                          overrides=["hydra/launcher=submitit_slurm", f"trainer={trainer}", f"trainer.devices={devices}"])
-            assert cfg.hydra.launcher.gpus_per_node == "auto"
-            assert gpus_per_node(cfg.hydra.launcher.gpus_per_node, cfg.trainer) == want, trainer
-            assert cfg.hydra.launcher.tasks_per_node == devices
-    assert gpus_per_node(None, compose_cfg(["trainer=gpu"]).trainer) is None      # set by hand: as it is
-    # the README's GPU example asks for 4 GPUs and 4 tasks per node on partition gpu
+
+    def launcher(overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", return_hydra_config=True,
+                           overrides=["hydra/launcher=submitit_slurm", *overrides]).hydra.launcher
+
+    for trainer, devices, want in (("cpu", 1, None), ("ddp_cpu", 2, None), ("gpu", 1, 1), ("ddp", 4, 4)):
+        cfg = launcher([f"trainer={trainer}", f"trainer.devices={devices}"])
+        assert (cfg.gpus_per_node, cfg.tasks_per_node) == (want, devices), trainer
+    assert launcher(["trainer=gpu", "hydra.launcher.gpus_per_node=null"]).gpus_per_node is None   # by hand: as set
+    assert launcher(["trainer=cpu", "hydra.launcher.gpus_per_node=2"]).gpus_per_node == 2
+    with pytest.raises(InterpolationResolutionError, match="ConfigError.*set hydra.launcher.gpus_per_node"):
+        launcher(["trainer=ddp", "trainer.devices=-1"]).gpus_per_node
+    # the README's examples: the CPU one asks for no GPU, the GPU one for 4 GPUs and 4 tasks per node on partition gpu
     gpu = readme_example("ddp")
-    assert gpu[:2] == ["-m", "hydra/launcher=submitit_slurm"] and "hydra.launcher.gpus_per_node" not in " ".join(gpu)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True, overrides=[a for a in gpu[1:] if "," not in a])
-    assert gpus_per_node(cfg.hydra.launcher.gpus_per_node, cfg.trainer) == 4
-    assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.partition) == (4, "gpu")
-    assert "hydra.launcher.gpus_per_node" not in " ".join(README_CPU)
-    assert gpus_per_node(2, compose_cfg(["trainer=cpu"]).trainer) == 2
-    with pytest.raises(ConfigError, match="hydra.launcher.gpus_per_node"):
-        gpus_per_node("auto", compose_cfg(["trainer=ddp", "trainer.devices=-1"]).trainer)
+    assert gpu[:2] == ["-m", "hydra/launcher=submitit_slurm"]
+    assert "gpus_per_node" not in " ".join(gpu + README_CPU)
+    cfg = launcher([a for a in gpu[2:] if "," not in a])
+    assert (cfg.gpus_per_node, cfg.tasks_per_node, cfg.partition) == (4, 4, "gpu")
+    assert launcher([a for a in README_CPU[2:] if "," not in a]).gpus_per_node is None
 
 
 # -------------------------------------------------------------------------------- the cluster

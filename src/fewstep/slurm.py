@@ -5,12 +5,14 @@ the hydra_plugins package only; its work is done here), with three things a swee
 * resume=true: a job whose folder already holds a result of its config (`run_folder.finished_result`: same
   config_hash) is not submitted; it goes into the sweep summary as it is. A finished sweep re-submitted with
   resume=true submits no job at all.
-* gpus_per_node: auto asks for trainer.devices GPUs per node when trainer.accelerator is gpu, and for none with
-  a CPU trainer (trainer=cpu, trainer=ddp_cpu), so a CPU-only partition needs no hydra.launcher.gpus_per_node=null.
+* gpus_per_node (${slurm_gpus_per_node:${trainer.accelerator},${trainer.devices}}): trainer.devices GPUs per node
+  when trainer.accelerator is gpu, none with a CPU trainer (trainer=cpu, trainer=ddp_cpu), so a CPU-only
+  partition needs no hydra.launcher.gpus_per_node=null.
 * job states on a cluster without accounting: submitit reads them from sacct, which fails there ("Bypassing
   sacct error" at every poll, and a cancelled job is never seen to end). Here sacct is tried first; where it
   fails, the states come from squeue (said once), and a job squeue no longer lists has ended.
-  status_poll_s is the longest wait between two such reads.
+  A job that has no result yet is looked up on submitit's schedule (2 s, 4 s, 8 s, ...), at most every
+  STATUS_POLL_S seconds (submitit: 10 minutes).
 
 A job past its time limit is signalled by SLURM (USR1, signal_delay_s before timeout_min) and requeued by
 submitit up to max_num_timeout times; the requeued job runs again from the start (with resume=true the same
@@ -37,22 +39,20 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-OWN_KEYS = ("status_poll_s",)   # launcher keys read by fewstep, not passed to submitit
+STATUS_POLL_S = 10
 
 
-def gpus_per_node(setting, trainer) -> Optional[int]:
-    """The GPUs per node to ask SLURM for: `setting` as it is, or for 'auto' trainer.devices with a gpu
-    accelerator and None (no --gpus-per-node) with a cpu one."""
-    if setting != "auto":
-        return setting
-    accelerator, devices = str(trainer.accelerator), trainer.devices
+def gpus_per_node(accelerator, devices) -> Optional[int]:
+    """The GPUs per node to ask SLURM for (the launcher config's default): trainer.devices with a gpu accelerator,
+    None (no --gpus-per-node) with a cpu one."""
+    accelerator = str(accelerator)
     if accelerator == "cpu":
         return None
     if accelerator in ("gpu", "cuda") and isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
         return devices
-    raise ConfigError(f"hydra.launcher.gpus_per_node=auto takes trainer.devices GPUs for trainer.accelerator=gpu and "
-                      f"none for cpu (got accelerator={accelerator}, devices={devices}): set "
-                      f"hydra.launcher.gpus_per_node to a number or null")
+    raise ConfigError(f"hydra.launcher.gpus_per_node follows trainer.devices for trainer.accelerator=gpu and is none "
+                      f"for cpu (got accelerator={accelerator}, devices={devices}): set hydra.launcher.gpus_per_node "
+                      f"to a number or null")
 
 
 def _squeue_info(watcher, user: str):
@@ -147,8 +147,7 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     import submitit.slurm.slurm
 
     assert launcher.config is not None
-    launcher.params["gpus_per_node"] = gpus_per_node(launcher.gpus_setting, launcher.config.trainer)
-    submitit.slurm.slurm.SlurmJob.watcher = _make_watcher(launcher.status_poll_s)
+    submitit.slurm.slurm.SlurmJob.watcher = _make_watcher(STATUS_POLL_S)
 
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
