@@ -191,6 +191,10 @@ def test_evaluate_with_guidance_counts_rows_in_macs(tmp_path, cond_unet):
     assert one["nfe"] == cond["nfe"] == 3 and one["macs_per_sample"] == 2 * cond["macs_per_sample"]
     assert two["macs_per_sample"] == one["macs_per_sample"] and two["nfe"] == 3
     assert one["guidance"] == "cfg" and one["labels"] == "balanced" and cond["guidance"] == "none"
+    assert one["guidance_interval"] is None and one["guidance_rescale"] == 0.0
+    window = evaluate(compose_cfg(base + ["guidance=cfg", "guidance.scale=2", "guidance.interval=[100,700]",
+                                          "guidance.rescale=0.5", "batch_size=6"]), out=tmp_path / "d")
+    assert window["guidance_interval"] == "[100,700]" and window["guidance_rescale"] == 0.5   # the tables' keys
     a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("a", "b"))
     assert np.abs(a - b).max() <= 1
 

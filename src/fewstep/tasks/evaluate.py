@@ -207,6 +207,9 @@ def evaluate_rank(dist: Dist, cfg):
         result["guidance"] = cfg.guidance.name
         if cfg.guidance.name != "none":
             result["guidance_scale"] = float(cfg.guidance.scale)
+            interval = cfg.guidance.interval
+            result["guidance_interval"] = None if interval is None else f"[{interval[0]:g},{interval[1]:g}]"
+            result["guidance_rescale"] = float(cfg.guidance.rescale)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
         result["timesteps"] = cfg.sampler.timesteps
         result["endpoint"] = bool(cfg.sampler.endpoint)
