@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
+from conftest import assert_one_line_error, compose_cfg
 from fewstep.backbones.dit import DiTAdapter, check_blocks
 from fewstep.denoiser import Denoiser
 from fewstep.schedule import NoiseSchedule
@@ -359,18 +359,9 @@ def test_build_denoiser_from_config_installs_the_strategies():
 ])
 def test_bad_input_is_one_line_and_exit_2(overrides, words, tmp_path, monkeypatch, capsys, no_model_building):
     """tests/test_bad_input.py's contract: one `fewstep: error:` line, exit 2, nothing built, no metrics.json."""
-    from fewstep.tasks import dispatch
-
     cfg = compose_cfg([*overrides, "logger=none", "n_samples=20", "sampler.steps=3"])
     monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        dispatch(cfg)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
-    assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
-    assert "Traceback" not in err and not list(tmp_path.rglob("metrics.json*"))
+    assert_one_line_error(cfg, tmp_path, capsys, words)
 
 
 def test_dit_trains_exports_reloads_and_samples(tmp_path):

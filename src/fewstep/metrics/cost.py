@@ -36,6 +36,19 @@ def count_macs(fn: Callable, *args, **kwargs) -> int:
     return counter.get_total_flops() // 2
 
 
+@torch.no_grad()
+def full_and_partial_macs(full: Callable, partial: Callable) -> tuple:
+    """MACs of a cache's two call kinds, run once each: `full()` returns (output, cache) and
+    `partial(cache)` reuses that cache (DeepCache's and the block cache's `measure_macs`)."""
+    with attention_as_matmuls():
+        with FlopCounterMode(display=False) as fc:
+            _, cache = full()
+        full_macs = fc.get_total_flops() // 2
+        with FlopCounterMode(display=False) as fc:
+            partial(cache)
+        return full_macs, fc.get_total_flops() // 2
+
+
 def macs_per_call(backbone, x_example: torch.Tensor, cache=None, t: Optional[float] = None, **cond) -> dict:
     """kind -> MACs per sample of one backbone call: "full" = backbone(x, t) on one sample of x_example.
 

@@ -37,7 +37,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError, check
-from ..metrics.cost import attention_as_matmuls
+from ..metrics.cost import full_and_partial_macs
 from .cache import DeepCache, _is_int, validate_cache_cfg
 
 BLOCK_CACHE_BACKBONES = ("dit",)
@@ -113,19 +113,12 @@ class BlockCache(DeepCache):
     def measure_macs(self, backbone, x: torch.Tensor, t: float = 500.0, **cond) -> Dict[str, float]:
         """MACs per sample of a full and of a partial call (FlopCounterMode FLOPs / 2 / batch, attention
         counted through the math SDPA path), eager forwards run once each on x."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         require_block_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        with attention_as_matmuls():
-            with FlopCounterMode(display=False) as fc:
-                _, cache = backbone.forward_block_full(x, tb, blocks=self.blocks, **cond)
-            full = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                backbone.forward_block_partial(x, tb, cache, blocks=self.blocks, **cond)
-            part = fc.get_total_flops()
-        return {"full": full / 2 / B, self.kind_partial: part / 2 / B}
+        full, part = full_and_partial_macs(lambda: backbone.forward_block_full(x, tb, blocks=self.blocks, **cond),
+                                           lambda c: backbone.forward_block_partial(x, tb, c, blocks=self.blocks, **cond))
+        return {"full": full / B, self.kind_partial: part / B}
 
 
 def build_block_cache(cfg_cache, adapter) -> Optional[BlockCache]:

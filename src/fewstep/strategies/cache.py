@@ -249,20 +249,14 @@ class DeepCache:
 
         Runs the eager forwards once each on `x`; attention is counted through the math SDPA path.
         """
-        from torch.utils.flop_counter import FlopCounterMode
+        from ..metrics.cost import full_and_partial_macs
 
-        from ..metrics.cost import attention_as_matmuls
         require_partial_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        with attention_as_matmuls():
-            with FlopCounterMode(display=False) as fc:
-                _, cache = backbone.forward_full(x, tb, branch=self.branch, **cond)
-            full = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                backbone.forward_partial(x, tb, cache, branch=self.branch, **cond)
-            part = fc.get_total_flops()
-        return {"full": full / 2 / B, self.kind_partial: part / 2 / B}
+        full, part = full_and_partial_macs(lambda: backbone.forward_full(x, tb, branch=self.branch, **cond),
+                                           lambda c: backbone.forward_partial(x, tb, c, branch=self.branch, **cond))
+        return {"full": full / B, self.kind_partial: part / B}
 
 
 # ---------------------------------------------------------------------------- builder
