@@ -33,8 +33,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VPY) run.py $(ARGS)
 
+# the suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them
+TEST_WORKERS ?= 2
 test: $(STAMP) data
-	$(VPY) -m pytest tests $(PYTEST_ARGS)
+	$(VPY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m fewstep.bench $(ARGS)
