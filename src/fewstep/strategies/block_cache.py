@@ -32,12 +32,9 @@ cache=deepcache (branch m) is the U-ViT form and cache=block refuses it.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
-
-import torch
+from typing import Optional
 
 from ..config import ConfigError, check
-from ..metrics.cost import full_and_partial_macs
 from .cache import DeepCache, _is_int, validate_cache_cfg
 
 BLOCK_CACHE_BACKBONES = ("dit",)
@@ -98,27 +95,10 @@ class BlockCache(DeepCache):
         other._fns = self._fns
         return other
 
-    def _functions(self, backbone):
-        if self._fns is None or self._fns[0] is not backbone:
-            require_block_forwards(backbone)
-            full = functools.partial(backbone.forward_block_full, blocks=self.blocks)
-            part = functools.partial(backbone.forward_block_partial, blocks=self.blocks)
-            if self.compile:
-                full = torch.compile(full, backend=self.compile_backend)
-                part = torch.compile(part, backend=self.compile_backend)
-            self._fns = (backbone, full, part)
-        return self._fns[1], self._fns[2]
-
-    @torch.no_grad()
-    def measure_macs(self, backbone, x: torch.Tensor, t: float = 500.0, **cond) -> Dict[str, float]:
-        """MACs per sample of a full and of a partial call (FlopCounterMode FLOPs / 2 / batch, attention
-        counted through the math SDPA path), eager forwards run once each on x."""
+    def _eager_forwards(self, backbone):
         require_block_forwards(backbone)
-        B = x.shape[0]
-        tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        full, part = full_and_partial_macs(lambda: backbone.forward_block_full(x, tb, blocks=self.blocks, **cond),
-                                           lambda c: backbone.forward_block_partial(x, tb, c, blocks=self.blocks, **cond))
-        return {"full": full / B, self.kind_partial: part / B}
+        return (functools.partial(backbone.forward_block_full, blocks=self.blocks),
+                functools.partial(backbone.forward_block_partial, blocks=self.blocks))
 
 
 def build_block_cache(cfg_cache, adapter) -> Optional[BlockCache]:

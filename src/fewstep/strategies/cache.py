@@ -213,11 +213,16 @@ class DeepCache:
         return self._last_full is None or i - self._last_full >= self.interval
 
     # -------------------------------------------------------------- forwards
+    def _eager_forwards(self, backbone):
+        """The backbone's full and partial forwards for this cache's branch: full(x, t, **cond) -> (out,
+        cache), partial(x, t, cache, **cond) -> out."""
+        require_partial_forwards(backbone)
+        return (functools.partial(backbone.forward_full, branch=self.branch),
+                functools.partial(backbone.forward_partial, branch=self.branch))
+
     def _functions(self, backbone):
         if self._fns is None or self._fns[0] is not backbone:
-            require_partial_forwards(backbone)
-            full = functools.partial(backbone.forward_full, branch=self.branch)
-            part = functools.partial(backbone.forward_partial, branch=self.branch)
+            full, part = self._eager_forwards(backbone)
             if self.compile:
                 full = torch.compile(full, backend=self.compile_backend)
                 part = torch.compile(part, backend=self.compile_backend)
@@ -251,11 +256,10 @@ class DeepCache:
         """
         from ..metrics.cost import full_and_partial_macs
 
-        require_partial_forwards(backbone)
+        full_fn, part_fn = self._eager_forwards(backbone)
         B = x.shape[0]
         tb = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
-        full, part = full_and_partial_macs(lambda: backbone.forward_full(x, tb, branch=self.branch, **cond),
-                                           lambda c: backbone.forward_partial(x, tb, c, branch=self.branch, **cond))
+        full, part = full_and_partial_macs(lambda: full_fn(x, tb, **cond), lambda c: part_fn(x, tb, c, **cond))
         return {"full": full / B, self.kind_partial: part / B}
 
 
