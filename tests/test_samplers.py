@@ -228,6 +228,7 @@ def test_samplers_do_not_block_gradients(model, schedule):
     (dict(name="dpmpp", steps=10, endpoint="no"), "endpoint must be true or false"),
     (dict(name="ddpm", steps=10, timesteps="analytic_dp", endpoint=False), "endpoint=false does not apply"),
     (dict(name="ddpm", steps=10, var_type="learned"), "var_type"),
+    (dict(name="ddim", steps=10, clip_x0="yes"), "clip_x0 must be true or false"),
     (dict(name="diffusers", steps=10, scheduler="NoSuchScheduler"), "UniPCMultistepScheduler"),
     (dict(name="diffusers", steps=10, scheduler="FlowMatchEulerDiscreteScheduler"), "DDPM-type"),
 ])

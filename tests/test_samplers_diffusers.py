@@ -7,7 +7,7 @@ of the sample's scale (the float32 resolution); a 1% error in one solver coeffic
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, UNet2DModel
 from conftest import group_cfg
 
 from fewstep.backbones.unet import UNetAdapter
@@ -73,6 +73,39 @@ def test_ddim_matches_diffusers_ddim_scheduler(model, schedule, z):
     assert model.nfe == STEPS
     assert_same_sample(x, ref)
     assert ref.abs().max() > 0.1  # not a trivially small sample
+
+
+@torch.no_grad()
+def test_clip_x0_matches_diffusers_clip_sample(model, schedule, z):
+    """sampler.clip_x0 is diffusers' clip_sample=True with the eps re-derived from the clipped x0 (DDIM's
+    use_clipped_model_output=True; DDPM's posterior mean has it built in): DDIM (deterministic) and ancestral
+    DDPM (the same N(0, I) draws fed to both loops) on the random UNet, whose unclipped x0 leaves [-1, 1]."""
+    def cfg(name, clip, **kw):
+        return group_cfg("sampler", {"name": name, "steps": STEPS, "timesteps": "leading", "clip_x0": clip, **kw})
+
+    sched = DDIMScheduler(**betas(schedule), clip_sample=True, set_alpha_to_one=True)
+    sched.set_timesteps(num_inference_steps=STEPS)
+    ref = z.clone()
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, float(t)), t, ref, use_clipped_model_output=True).prev_sample
+    x = sample(cfg("ddim", True, eta=0.0), model, z, None, schedule)
+    assert_same_sample(x, ref)
+    unclipped = sample(cfg("ddim", False, eta=0.0), model, z, None, schedule)
+    assert (unclipped - x).abs().max() > 1.0  # the clip is not a no-op here
+
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda *shape, **kw: torch.randn(z.shape, generator=g)
+
+    sched = DDPMScheduler(**betas(schedule), clip_sample=True, variance_type="fixed_small")
+    sched.set_timesteps(num_inference_steps=STEPS)
+    g = torch.Generator().manual_seed(7)
+    ref = z.clone()
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, float(t)), t, ref, generator=g).prev_sample
+    x = sample(cfg("ddpm", True, var_type="beta_tilde"), model, z, draws(7), schedule)
+    assert_same_sample(x, ref)
+    assert x.abs().max() < 1.0 + 1e-4  # the last step returns the clipped x0
 
 
 @torch.no_grad()

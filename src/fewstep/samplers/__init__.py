@@ -70,6 +70,8 @@ def validate_sampler_cfg(cfg) -> None:
         raise ValueError(f"sampler.endpoint must be true or false (got {endpoint!r})")
     if not endpoint and spacing == ANALYTIC_DP:
         raise ValueError("sampler.endpoint=false does not apply to timesteps=analytic_dp (the trajectory is optimised as a whole)")
+    if name in ("ddim", "ddpm") and not isinstance(cfg.clip_x0, bool):
+        raise ValueError(f"sampler.clip_x0 must be true or false (got {cfg.clip_x0!r})")
     if name == "ddim" and not float(cfg.eta) >= 0:
         raise ValueError(f"sampler.eta must be >= 0 (got {cfg.eta})")
     if name == "ddpm" and cfg.var_type not in VAR_TYPES:
@@ -128,10 +130,11 @@ def sample(cfg, model, z: torch.Tensor, noise, schedule, variance=None, callback
                                 noise=noise, **kw)
     ts = sampler_timesteps(cfg, schedule, timesteps)
     if name == "ddim":
-        return sample_ddim(model, z, ts, schedule, eta=float(cfg.eta), noise=noise, variance=variance, **kw)
+        return sample_ddim(model, z, ts, schedule, eta=float(cfg.eta), noise=noise, variance=variance,
+                           clip_x0=cfg.clip_x0, **kw)
     if name == "ddpm":
         return sample_ddpm(model, z, ts, schedule, var_type=cfg.var_type, noise=noise,
-                           variance=variance, **kw)
+                           variance=variance, clip_x0=cfg.clip_x0, **kw)
     if name == "dpmpp":
         return sample_dpmpp(model, z, ts, schedule, order=int(cfg.order),
                             lower_order_final=cfg.lower_order_final, **kw)

@@ -12,6 +12,13 @@ the rule changes the noise only, never the mean. eta = 0 is the deterministic DD
 
 The last jump goes to ab = 1 (s = -1, clean data), like diffusers' `set_alpha_to_one=True`;
 no noise is added on that jump (beta_tilde is 0 there anyway).
+
+clip_x0 (off by default): clip the data prediction to the data range [-1, 1] inside the step and use the
+eps consistent with it, eps = (x - sqrt(ab_t) x0) / sqrt(1 - ab_t): the step's mean is then the mean of
+q(x_s | x_t, x0) at the clipped x0, as in the DDPM and Analytic-DPM samplers (and diffusers' DDPMScheduler
+with clip_sample=True, its DDIMScheduler with clip_sample=True and use_clipped_model_output=True; that one
+by default keeps the unclipped eps). It changes the mean, not only the noise, so the step is no longer the
+ODE's: compare results within one setting.
 """
 from __future__ import annotations
 
@@ -37,6 +44,13 @@ def beta_tilde(ab_t: float, ab_s: float) -> float:
     return (1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s)
 
 
+def clipped_prediction(x: torch.Tensor, x0: torch.Tensor, ab_t: float):
+    """(x0, eps) with x0 clipped to [-1, 1] and eps recomputed from it: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
+    still holds, so the generalized step's mean is the posterior mean of the clipped x0."""
+    x0 = x0.clamp(-1.0, 1.0)
+    return x0, (x - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
+
+
 def generalized_step(x0: torch.Tensor, eps: torch.Tensor, ab_s: float, lam2: float, sigma2: float,
                      noise: Optional[Noise]) -> torch.Tensor:
     """DDIM eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - lam2) eps + sqrt(sigma2) z."""
@@ -49,12 +63,14 @@ def generalized_step(x0: torch.Tensor, eps: torch.Tensor, ab_s: float, lam2: flo
 
 def sample_ddim(model, x: torch.Tensor, ts: np.ndarray, schedule, eta: float = 0.0,
                 noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None,
-                callback: Optional[Callback] = None, extra_args: Optional[dict] = None) -> torch.Tensor:
+                callback: Optional[Callback] = None, extra_args: Optional[dict] = None,
+                clip_x0: bool = False) -> torch.Tensor:
     """DDIM sampling from x = x_T ~ N(0, I) over decreasing timesteps ts (fractional allowed).
 
     `model(x, t, **extra_args) -> eps` is any callable; `noise()` gives the N(0, I) draws of the stochastic
     steps (eta > 0 or a variance rule); pass a SampleNoise for per-sample reproducibility (torch.randn_like
-    when None). `callback(i, t, x, x0)` sees each step's state and data prediction before the step.
+    when None). `callback(i, t, x, x0)` sees each step's state and data prediction before the step (the
+    clipped one with clip_x0, see the module docstring).
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (got {eta})")
@@ -63,6 +79,8 @@ def sample_ddim(model, x: torch.Tensor, ts: np.ndarray, schedule, eta: float = 0
         ab_t, ab_s = float(schedule.alpha_bar_at(t)), float(schedule.alpha_bar_at(s))
         eps = model(x, t, **extra_args)
         x0 = schedule.x0_from_eps(x, t, eps)
+        if clip_x0:
+            x0, eps = clipped_prediction(x, x0, ab_t)
         if callback is not None:
             callback(i, t, x, x0)
         lam2 = eta ** 2 * beta_tilde(ab_t, ab_s)

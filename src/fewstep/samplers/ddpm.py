@@ -10,6 +10,8 @@ its mean is the DDPM posterior mean, which is the DDIM generalized step (eq. 12 
 or `variance(t, s, lam2=beta_tilde)` when a variance rule is given (Analytic-DPM: optimal in KL,
 Bao et al. 2022). Ho et al. found both fixed choices equal at 1000 steps; on short subsequences
 beta_tilde is much better for FID and beta for likelihood. No noise on the final jump to data.
+clip_x0 clips the predicted x0 to [-1, 1] before the posterior mean, as Ho et al.'s sampler and
+diffusers' DDPMScheduler(clip_sample=True) do (see ddim.py).
 """
 from __future__ import annotations
 
@@ -18,16 +20,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ddim import Callback, Noise, VarianceRule, beta_tilde, generalized_step, jumps
+from .ddim import Callback, Noise, VarianceRule, beta_tilde, clipped_prediction, generalized_step, jumps
 
 VAR_TYPES = ("beta_tilde", "beta")
 
 
 def sample_ddpm(model, x: torch.Tensor, ts: np.ndarray, schedule, var_type: str = "beta_tilde",
                 noise: Optional[Noise] = None, variance: Optional[VarianceRule] = None,
-                callback: Optional[Callback] = None, extra_args: Optional[dict] = None) -> torch.Tensor:
-    """Ancestral sampling from x = x_T ~ N(0, I) over decreasing timesteps ts; model, callback and
-    extra_args as in sample_ddim."""
+                callback: Optional[Callback] = None, extra_args: Optional[dict] = None,
+                clip_x0: bool = False) -> torch.Tensor:
+    """Ancestral sampling from x = x_T ~ N(0, I) over decreasing timesteps ts; model, callback,
+    extra_args and clip_x0 as in sample_ddim."""
     if var_type not in VAR_TYPES:
         raise ValueError(f"unknown var_type '{var_type}' (choose from {', '.join(VAR_TYPES)})")
     extra_args = extra_args or {}
@@ -35,6 +38,8 @@ def sample_ddpm(model, x: torch.Tensor, ts: np.ndarray, schedule, var_type: str 
         ab_t, ab_s = float(schedule.alpha_bar_at(t)), float(schedule.alpha_bar_at(s))
         eps = model(x, t, **extra_args)
         x0 = schedule.x0_from_eps(x, t, eps)
+        if clip_x0:
+            x0, eps = clipped_prediction(x, x0, ab_t)
         if callback is not None:
             callback(i, t, x, x0)
         lam2 = beta_tilde(ab_t, ab_s)
