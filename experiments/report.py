@@ -9,6 +9,7 @@
     python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
+    python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
 
 Every number in experiments/README.md is what one of these commands printed. `archive` copies a sweep's
 (or one run's) small result files into a folder to commit under experiments/data/: each job's metrics.json
@@ -93,6 +94,10 @@ def load(dirs) -> pd.DataFrame:
             df[col] = override(key)
         else:                                   # older summaries lack the column: fill from their overrides
             df[col] = df[col].where(df[col].notna(), override(key))
+    if "guidance_interval" in df.columns:       # runs made before metrics.json recorded it: from the overrides
+        df["guidance_interval"] = df["guidance_interval"].where(df["guidance_interval"].notna(), override("guidance.interval"))
+    elif ov.str.contains("guidance.interval=", regex=False).any():
+        df["guidance_interval"] = override("guidance.interval")
     def fill_from_config(col, lookup):
         """Fill the gaps of a column with lookup(job_dir), read from each job's resolved config."""
         df[col] = [v if not pd.isna(v) else lookup(j) for v, j in zip(df[col].astype(object), df["job_dir"])]
@@ -168,13 +173,19 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
               f"fit needs rho* {side} 1 at two M at least, no fit")
         return
     try:
-        (C, alpha), _ = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5 if below else -0.5, 0.5),
-                                  maxfev=10000)
+        (C, alpha), cov = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5 if below else -0.5, 0.5),
+                                    maxfev=10000)
     except RuntimeError as e:
         print(f"\nthe fit rho*(M) = 1 - C / M^alpha did not converge ({e})")
         return
     pred = 1 - C / M ** alpha
-    print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {C:.3f}, alpha = {alpha:.3f}, "
+    # standard errors from the residual scatter (curve_fit's covariance); with as many M as parameters
+    # there is no scatter to read them from, and rho* is known only to the grid's step anyway
+    se = np.sqrt(np.diag(cov)) if len(M) > 2 and np.all(np.isfinite(cov)) else None
+    pm = (lambda v, e: f"{v:.3f} +- {e:.3f}") if se is not None else (lambda v, e: f"{v:.3f}")
+    print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {pm(C, se[0] if se is not None else 0)}, "
+          f"alpha = {pm(alpha, se[1] if se is not None else 0)}"
+          f"{'' if se is not None else ' (two points: no uncertainty)'}, "
           f"RMS error = {np.sqrt(np.mean((pred - r) ** 2)):.3f}, max |error| = {np.max(np.abs(pred - r)):.3f}")
 
 
@@ -321,6 +332,111 @@ def archive(src, dest) -> list[Path]:
     return [dest / f.relative_to(src) for f in files]
 
 
+def config_label(r) -> str:
+    """A row's sampler x strategy combination in a few words: sampler and steps, then every strategy that
+    is not the plain network (Skip-Tuning rho, cache, variance, guidance)."""
+    def given(key):
+        v = r.get(key)
+        return v is not None and not (isinstance(v, float) and np.isnan(v)) and str(v) not in ("", "none")
+
+    parts = [f"{r.get('sampler_label', r.get('sampler'))} {int(r['steps'])}" if given("steps") else
+             str(r.get("sampler_label", r.get("sampler")))]
+    for key in ("rho_bottom", "rho_top"):
+        if given(key) and float(r[key]) != 1.0:
+            parts.append(f"{key}={float(r[key]):g}")
+    if given("skip") and r["skip"] not in ("linear",):
+        parts.append(f"skip={r['skip']}")
+    if given("cache"):
+        parts.append(f"{r['cache']} N={int(float(r['interval']))}" + (f" {r['schedule']}" if given("schedule") else "")
+                     if given("interval") else str(r["cache"]))
+    if given("variance") and r["variance"] != "fixed":
+        parts.append(f"variance={r['variance']}")
+    if given("guidance_scale") and r.get("guidance") not in (None, "none"):
+        parts.append(f"w={float(r['guidance_scale']):g}" +
+                     (f" in t {r['guidance_interval']}" if given("guidance_interval") else ""))
+    return ", ".join(parts)
+
+
+def pareto(cost, fid) -> np.ndarray:
+    """Mask of the points no other point beats: none with cost <= and fid <, or cost < and fid <=."""
+    cost, fid = np.asarray(cost, float), np.asarray(fid, float)
+    return np.array([not np.any(((cost <= c) & (fid < f)) | ((cost < c) & (fid <= f))) for c, f in zip(cost, fid)])
+
+
+def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
+    """FID against cost for every sampler x strategy row: cost in full-network-call equivalents of MACs
+    (macs_per_sample / macs_full, the MACs of one uncached, unguided call: a guided step counts 2, a cached
+    one its fraction) and in wall seconds per sample on the machine that ran it; the Pareto front of each
+    marked, then the best row within each budget of full-call equivalents."""
+    need = [c for c in ("fid", "macs_per_sample", "macs_full", "wall_time_s", "n_samples") if c not in df.columns]
+    if need:
+        raise SystemExit(f"frontier needs the columns {', '.join(need)} (metrics=default with the cost count)")
+    df = df.dropna(subset=["fid", "macs_per_sample", "macs_full"]).copy()
+    df["calls_full"] = df["macs_per_sample"].astype(float) / df["macs_full"].astype(float)
+    for col, what in (("n_samples", "sample counts"), ("weights", "models")):
+        if col in df.columns and df[col].nunique() > 1:
+            print(f"note: the rows mix {what} ({', '.join(map(str, sorted(df[col].astype(str).unique())))}): "
+                  f"compare within one")
+    df["config"] = [config_label(r) for _, r in df.iterrows()]
+    df["s_per_sample"] = df["wall_time_s"].astype(float) / df["n_samples"].astype(float)
+    df["front_macs"] = pareto(df["calls_full"], df["fid"])
+    df["front_wall"] = pareto(df["s_per_sample"], df["fid"])
+    keys = ["config", "fid"] + (["fid_se"] if "fid_se" in df.columns else []) + \
+        ["calls_full", "s_per_sample", "front_macs", "front_wall"]
+    t = df.sort_values(["calls_full", "fid"])[keys]
+    t = t.assign(front_macs=t["front_macs"].map({True: "yes", False: ""}),
+                 front_wall=t["front_wall"].map({True: "yes", False: ""}))
+    print(markdown(t.rename(columns={"calls_full": "full-call equivalents", "s_per_sample": "s / sample",
+                                     "front_macs": "Pareto (MACs)", "front_wall": "Pareto (wall)"})))
+    print()
+    rows = []
+    for b in budgets:
+        within = df[df["calls_full"] <= b + 1e-9]
+        if within.empty:
+            rows.append({"budget (full calls)": f"<= {b}", "best config": "(none tried)"})
+            continue
+        r = within.loc[within["fid"].astype(float).idxmin()]
+        rows.append({"budget (full calls)": f"<= {b}", "best config": r["config"], "fid": r["fid"],
+                     **({"fid_se": r["fid_se"]} if "fid_se" in r else {}), "full-call equivalents": r["calls_full"]})
+    print(markdown(pd.DataFrame(rows)))
+    if out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for ax, x, front, label in ((axes[0], "calls_full", "front_macs", "MACs per sample (full-call equivalents)"),
+                                    (axes[1], "s_per_sample", "front_wall", "wall seconds per sample")):
+            ax.scatter(df[x], df["fid"], s=10, color="0.6", label="tried")
+            f = df[df[front]].sort_values(x)
+            ax.plot(f[x], f["fid"], "o-", color="C3", ms=4, label="Pareto front")
+            for _, r in f.iterrows():
+                ax.annotate(r["config"], (r[x], r["fid"]), fontsize=5, xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("FID")
+            ax.grid(alpha=0.3, which="both")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        _save_figure(fig, out)
+
+
+def _save_figure(fig, out):
+    import matplotlib.pyplot as plt
+
+    from fewstep.fileio import atomic_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = out.suffix[1:] or plt.rcParams["savefig.format"]   # no suffix: matplotlib's default, appended
+    out = out if out.suffix else out.with_name(f"{out.name}.{kind}")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=kind)
+    print(f"wrote {out}")
+
+
 def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
     """One line of y against x per value of the hue columns, written to out (png); several y columns give
     one panel each, side by side, sharing x and the legend."""
@@ -345,20 +461,12 @@ def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
     if hue:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    from fewstep.fileio import atomic_path
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kind = out.suffix[1:] or plt.rcParams["savefig.format"]   # no suffix: matplotlib's default, appended
-    out = out if out.suffix else out.with_name(f"{out.name}.{kind}")
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format=kind)
-    print(f"wrote {out}")
+    _save_figure(fig, out)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive", "frontier"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -369,7 +477,7 @@ def main():
     p.add_argument("--y", nargs="+", default=["fid"], help="plot: y column(s), one panel each")
     p.add_argument("--hue", nargs="*", default=[], help="plot: one line per value of these columns")
     p.add_argument("--logx", action="store_true")
-    p.add_argument("--out", default=None, help="plot: the png to write")
+    p.add_argument("--out", default=None, help="plot, frontier: the png to write")
     p.add_argument("--pairs", action="store_true", help="fid_diff: folders two at a time, each run against its base")
     p.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keep rows whose column KEY prints as VALUE (e.g. timesteps=linspace endpoint=True)")
@@ -411,6 +519,8 @@ def main():
         if a.sort:
             out = out.sort_values(a.sort)
         print(markdown(out))
+    elif a.mode == "frontier":
+        frontier(df, out=a.out)
     elif a.mode == "plot":
         if not a.out:
             raise SystemExit("plot needs --out <file.png>")

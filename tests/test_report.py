@@ -87,8 +87,53 @@ def test_fit_rho_recovers_a_known_law(report, capsys):
     out = capsys.readouterr().out
     fit = out.strip().splitlines()[-1]
     got = dict(kv.split(" = ") for kv in fit.split(": ", 1)[1].split(", "))
-    assert float(got["C"]) == pytest.approx(C, abs=0.01) and float(got["alpha"]) == pytest.approx(alpha, abs=0.01)
+    (c, c_se), (a, a_se) = (map(float, got[k].split(" +- ")) for k in ("C", "alpha"))
+    assert c == pytest.approx(C, abs=0.01) and a == pytest.approx(alpha, abs=0.01)
     assert float(got["RMS error"]) < 1e-3
+    assert 0 < c_se < 0.01 and 0 < a_se < 0.01          # the grid step (0.001) bounds the scatter
+
+
+def test_fit_rho_uncertainty_covers_noisy_optima(report, capsys):
+    """rho* read off a noisy sweep: the fit's standard errors are of the size of its miss."""
+    C, alpha = 0.6, 0.8
+    rng = np.random.default_rng(0)
+    rows = []
+    for M in (5, 8, 10, 15, 20, 30, 50):
+        best = 1 - C / M ** alpha + rng.normal(0, 0.01)
+        rows += [dict(nfe=M, rho_bottom=rho, fid=(rho - best) ** 2) for rho in np.round(np.arange(0.5, 1.0001, 0.01), 2)]
+    report.fit_rho(pd.DataFrame(rows))
+    got = dict(kv.split(" = ") for kv in capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
+    (c, c_se), (a, a_se) = (map(float, got[k].split(" +- ")) for k in ("C", "alpha"))
+    assert abs(c - C) < 3 * c_se and abs(a - alpha) < 3 * a_se
+    assert 0.005 < c_se < 0.2 and 0.005 < a_se < 0.2
+
+
+def test_frontier_marks_the_pareto_front_and_the_best_per_budget(report, tmp_path, capsys):
+    full = 1e8
+    rows = [  # (config overrides, fid, MACs in full calls, wall s): c is beaten by b (cheaper and better)
+        dict(job="a", sampler="dpmpp", steps=5, fid=30.0, macs_per_sample=5 * full, wall_time_s=5.0),
+        dict(job="b", sampler="dpmpp", steps=10, fid=12.0, macs_per_sample=10 * full, wall_time_s=10.0),
+        dict(job="c", sampler="ddim", steps=10, fid=15.0, macs_per_sample=10 * full, wall_time_s=9.0),
+        dict(job="d", sampler="ddim", steps=20, fid=20.0, macs_per_sample=20 * full, wall_time_s=20.0),
+        dict(job="e", sampler="ddim", steps=20, cache="deepcache", interval=3, fid=11.0,
+             macs_per_sample=8 * full, wall_time_s=12.0, overrides="cache=deepcache cache.interval=3"),
+        dict(job="f", sampler="heun", steps=15, fid=10.0, macs_per_sample=30 * full, wall_time_s=11.0),
+    ]
+    for r in rows:
+        r.update(macs_full=full, n_samples=10, fid_se=0.5)
+        r.setdefault("overrides", "")
+    write_sweep(tmp_path / "s", rows)
+    out = run(report, capsys, "frontier", str(tmp_path / "s"), "--out", str(tmp_path / "f.png"))
+    table, budgets = out.split("\n\n")[:2]
+    marks = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-2:] for line in table.splitlines()[2:]}
+    assert marks["dpmpp 5"] == ["yes", "yes |"]
+    assert marks["ddim 20, deepcache N=3"] == ["yes", " |"]       # cheapest at FID 11 in MACs; heun beats it in wall
+    assert marks["heun 15"] == ["yes", "yes |"]                   # the lowest FID is on both fronts
+    assert marks["dpmpp 10"] == ["", "yes |"]                     # beaten in MACs by the cached DDIM
+    assert marks["ddim 10"][0] == "" and marks["ddim 20"] == ["", " |"]
+    assert "| <= 5 | dpmpp 5 | 30 |" in budgets and "| <= 10 | ddim 20, deepcache N=3 | 11 |" in budgets
+    assert "| <= 20 | ddim 20, deepcache N=3 | 11 |" in budgets     # heun's 30 calls are over every budget
+    assert (tmp_path / "f.png").stat().st_size > 1000
 
 
 def test_fit_rho_says_when_rho_1_is_best(report, capsys):
@@ -110,7 +155,8 @@ def test_fit_rho_fits_a_law_from_above(report, capsys):
             for M in (5, 10, 20, 50) for rho in np.round(np.arange(0.8, 1.5001, 0.001), 3)]
     report.fit_rho(pd.DataFrame(rows))
     got = dict(kv.split(" = ") for kv in capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1].split(", "))
-    assert float(got["C"]) == pytest.approx(C, abs=0.01) and float(got["alpha"]) == pytest.approx(alpha, abs=0.01)
+    (c, _), (a, _) = (map(float, got[k].split(" +- ")) for k in ("C", "alpha"))
+    assert c == pytest.approx(C, abs=0.01) and a == pytest.approx(alpha, abs=0.01)
 
 
 def test_fit_rho_flags_the_grid_edge_and_a_crossing_of_1(report, capsys):
