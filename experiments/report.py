@@ -10,6 +10,7 @@
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
     python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
+    python experiments/report.py denoise experiments/data/denoise_loss      (task=denoise_loss sweeps over rho)
 
 Every number in experiments/README.md is what one of these commands printed. `archive` copies a sweep's
 (or one run's) small result files into a folder to commit under experiments/data/: each job's metrics.json
@@ -332,6 +333,34 @@ def archive(src, dest) -> list[Path]:
     return [dest / f.relative_to(src) for f in files]
 
 
+def denoise_table(df: pd.DataFrame):
+    """task=denoise_loss runs (one per rho): the relative change strategy / plain - 1 of the pixel (eps) and the
+    feature denoising loss at each t, in percent with its paired standard error, one column per rho_bottom."""
+    import json
+
+    per = {}
+    for _, r in df.iterrows():
+        m = json.loads((Path(r["job_dir"]) / "metrics.json").read_text())
+        if "rows" not in m or len(m.get("variants", [])) < 2:
+            continue
+        rows, strategy = m["rows"], m["variants"][1]
+        label = f"rho_bottom={m['rho_bottom']:g}" if "rho_bottom" in m else strategy
+        for t in m["loss_t"]:
+            plain, s = rows[f"plain/t{t}"], rows[f"{strategy}/t{t}"]
+            for k in ("pixel_eps", "feature"):
+                per.setdefault(k, {}).setdefault(t, {})[label] = \
+                    f"{100 * s[f'd_{k}'] / plain[k]:+.1f} +- {100 * s[f'd_{k}_se'] / plain[k]:.1f}"
+    if not per:
+        raise SystemExit("denoise: no task=denoise_loss run with a skip strategy among these folders")
+    for k, what in (("pixel_eps", "pixel (eps) loss"), ("feature", "feature loss")):
+        t = pd.DataFrame.from_dict(per[k], orient="index").sort_index()
+        t = t[sorted(t.columns, key=lambda c: (len(c), c))]
+        t.index.name = "t"
+        print(f"{what}, % change vs the plain network (paired s.e.):\n")
+        print(markdown(t.reset_index()))
+        print()
+
+
 def config_label(r) -> str:
     """A row's sampler x strategy combination in a few words: sampler and steps, then every strategy that
     is not the plain network (Skip-Tuning rho, cache, variance, guidance)."""
@@ -466,7 +495,7 @@ def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive", "frontier"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive", "frontier", "denoise"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -519,6 +548,8 @@ def main():
         if a.sort:
             out = out.sort_values(a.sort)
         print(markdown(out))
+    elif a.mode == "denoise":
+        denoise_table(df)
     elif a.mode == "frontier":
         frontier(df, out=a.out)
     elif a.mode == "plot":

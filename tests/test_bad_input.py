@@ -67,6 +67,10 @@ CASES = [
      False),
     ("image_metrics_on_gmm", lambda t: ["dataset=gmm", "backbone=gmm_exact", "metrics=classifier"],
      "dataset=gmm takes metrics=gmm", True),
+    ("denoise_loss_timestep_above_N", lambda t: ["task=denoise_loss", "task.timesteps=[100,1000]"],
+     "task.timesteps must be a list of integer timesteps in 0..999", True),
+    ("denoise_loss_with_a_cache", lambda t: ["task=denoise_loss", "cache=deepcache"],
+     "task=denoise_loss measures single network calls", True),
     ("diverging_samples", lambda t: ["skip.rho_bottom=1e30", "n_samples=10"],
      "network output of network call 1 (t = 999) is not finite", False),
 ]

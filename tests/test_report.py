@@ -513,3 +513,23 @@ def test_readme_table_matches_its_committed_data(build_readme, readme_outputs, c
 def test_some_readme_tables_are_checked_against_committed_data(build_readme):
     checked = [c for c in TEMPLATE_COMMANDS if not build_readme.missing_data(c)]
     assert any("experiments/data/gmm_steps" in c for c in checked), "no README table is made from committed data"
+
+
+def test_denoise_prints_relative_changes_per_t_and_rho(report, tmp_path, capsys):
+    import json
+
+    for j, rho in enumerate((0.5, 0.8)):
+        job = tmp_path / "s" / str(j)
+        job.mkdir(parents=True)
+        rows = {}
+        for t in (100, 500):
+            rows[f"plain/t{t}"] = {"pixel_eps": 0.2, "feature": 4.0}
+            rows[f"linear/t{t}"] = {"d_pixel_eps": 0.02 * (1 + j), "d_pixel_eps_se": 0.002,
+                                    "d_feature": -0.4 * t / 500, "d_feature_se": 0.04}
+        (job / "metrics.json").write_text(json.dumps(dict(variants=["plain", "linear"], loss_t=[100, 500], rows=rows,
+                                                          rho_bottom=rho, skip="linear")))
+    out = run(report, capsys, "denoise", str(tmp_path / "s"))
+    pixel, feature = out.split("feature loss")
+    assert "| t | rho_bottom=0.5 | rho_bottom=0.8 |" in pixel
+    assert "| 100 | +10.0 +- 1.0 | +20.0 +- 1.0 |" in pixel
+    assert "| 500 | -10.0 +- 1.0 | -10.0 +- 1.0 |" in feature and "| 100 | -2.0 +- 1.0 |" in feature

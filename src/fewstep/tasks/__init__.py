@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ..config import ConfigError, check
 
-SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho")
+SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho", "denoise_loss")
 
 
 def _whole(cfg, key: str, lo: int) -> int:
