@@ -40,6 +40,17 @@ def renamed_ref_stats(tmp):
     return [f"metrics.ref_stats_dir={d}", f"metrics.classifier_dir={SHIPPED / 'classifier'}", "dataset=mnist5k"]
 
 
+def paired_base(tmp, rows=20, seed=0):
+    """A base run folder for metrics.paired_with: features.npz with `rows` rows, its config with `seed`."""
+    import numpy as np
+
+    d = tmp / f"base_{rows}_{seed}"
+    (d / ".hydra").mkdir(parents=True)
+    np.savez(d / "features.npz", features=np.zeros((rows, 128), np.float32), ref_stats=np.array("x"), fid=np.float64(1))
+    (d / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+    return [f"metrics.paired_with={d}"]
+
+
 # (id, overrides (a callable of tmp_path for files), words the one line must contain, decided by the config alone)
 CASES = [
     ("cache_branch", lambda t: ["cache=deepcache", "cache.branch=9"], "cache.branch must be in 0..8", False),
@@ -71,6 +82,9 @@ CASES = [
      "task.timesteps must be a list of integer timesteps in 0..999", True),
     ("denoise_loss_with_a_cache", lambda t: ["task=denoise_loss", "cache=deepcache"],
      "task=denoise_loss measures single network calls", True),
+    ("paired_with_no_features", lambda t: [f"metrics.paired_with={t}"], "no features.npz there", True),
+    ("paired_with_other_sample_count", lambda t: paired_base(t, rows=7), "holds 7 samples, this run makes 20", True),
+    ("paired_with_other_seed", lambda t: paired_base(t, seed=5), "the base run used seed=5", True),
     ("diverging_samples", lambda t: ["skip.rho_bottom=1e30", "n_samples=10"],
      "network output of network call 1 (t = 999) is not finite", False),
 ]

@@ -351,3 +351,29 @@ def test_paired_fid_difference_cancels_the_shared_noise():
     assert se == pytest.approx(float(np.std(truth, ddof=1)), rel=0.3)
     with pytest.raises(ValueError, match="same samples"):
         paired_fid_difference(a, b[:-1], mu_ref, cov_ref)
+
+
+def test_paired_with_records_the_paired_fid_difference_to_a_base_run(tmp_path, monkeypatch):
+    """metrics.paired_with: fid_diff is FID(run) - FID(base) on the shared sample indices, fid_diff_se the paired
+    bootstrap of report.py fid_diff; the base against itself differs by exactly 0."""
+    from conftest import compose_cfg
+    from fewstep.metrics.fid import RefStats, paired_fid_difference
+    from fewstep.tasks import dispatch
+
+    common = ["logger=none", "n_samples=20", "batch_size=20", "sampler.steps=2", "save_features=true"]
+    results = {}
+    for name, extra in (("base", []), ("run", ["skip.rho_bottom=0.6"]), ("same", [])):
+        d = tmp_path / name
+        d.mkdir()
+        monkeypatch.chdir(d)
+        paired = [] if name == "base" else [f"metrics.paired_with={tmp_path / 'base'}"]
+        results[name] = dispatch(compose_cfg(common + extra + paired))
+    base, run = results["base"], results["run"]
+    assert "fid_diff" not in base
+    assert run["fid_diff"] == pytest.approx(run["fid"] - base["fid"], abs=1e-6)
+    assert results["same"]["fid_diff"] == pytest.approx(0.0, abs=1e-9) and results["same"]["fid_diff_se"] == 0.0
+    feats = {k: torch.from_numpy(np.load(tmp_path / k / "features.npz")["features"]) for k in ("base", "run")}
+    ref = RefStats.load(run["ref_stats"])
+    d, se = paired_fid_difference(feats["run"], feats["base"], ref.mu, ref.cov, 100, 0)
+    assert run["fid_diff"] == pytest.approx(d, rel=1e-9) and run["fid_diff_se"] == pytest.approx(se, rel=1e-9)
+    assert 0 < run["fid_diff_se"] and run["paired_with"].endswith("base/features.npz")

@@ -17,6 +17,7 @@ in compute(). Cost (NFE, MACs) lives in fewstep.metrics.cost.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -66,6 +67,40 @@ def check_metrics_cfg(cfg_metrics) -> None:
         raise ValueError(f"metrics.pr_dtype must be float32 or float16, got {cfg_metrics.pr_dtype}")
     if cfg_metrics.ref_split not in ("train", "test"):
         raise ValueError(f"metrics.ref_split must be train or test, got {cfg_metrics.ref_split}")
+
+
+def paired_features_file(path) -> "Path":
+    """metrics.paired_with -> the features.npz it names (a run folder or the file itself)."""
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    return p / "features.npz" if p.is_dir() else p
+
+
+def check_paired_with(cfg_metrics, n_samples: int, seed: int) -> None:
+    """metrics.paired_with before any work: the base run's feature file exists, holds one row per sample
+    of this run, and (where its config is beside it) was sampled with the same seed. One-line ValueError."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    f = paired_features_file(cfg_metrics.paired_with)
+    if not f.is_file():
+        raise ValueError(f"metrics.paired_with={cfg_metrics.paired_with}: no features.npz there (the base run needs "
+                         f"save_features=true)")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            rows = z["features"].shape[0]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"metrics.paired_with: {f} is not a features.npz of task=evaluate ({type(e).__name__})") from None
+    if rows != n_samples:
+        raise ValueError(f"metrics.paired_with: {f} holds {rows} samples, this run makes {n_samples}: paired runs "
+                         f"share their sample indices")
+    base_cfg = f.parent / ".hydra" / "config.yaml"
+    if base_cfg.is_file():
+        base_seed = OmegaConf.load(base_cfg).get("seed")
+        if base_seed is not None and int(base_seed) != int(seed):
+            raise ValueError(f"metrics.paired_with: the base run used seed={base_seed}, this run seed={seed}: "
+                             f"paired runs share their noise")
 
 
 def min_samples(cfg_metrics, has_logits: bool | None = None) -> int:
@@ -169,7 +204,8 @@ class Metrics:
             self.fid.load_reference(self.ref.mu, self.ref.cov, self.ref.n)
         self.n_boot = int(m.fid_bootstrap)
         self.seed = int(m.seed)
-        keep = int(m.pr_max_fake) if (self.do_pr or self.do_is or self.n_boot or keep_rows) else 0
+        self.paired_with = m.paired_with      # a base run's features.npz: the paired FID difference to it
+        keep = int(m.pr_max_fake) if (self.do_pr or self.do_is or self.n_boot or keep_rows or self.paired_with) else 0
         self.bank = FeatureBank(keep).to(self.device)
         self.min_samples = min_samples(cfg_metrics, self.extractor.has_logits)
 
@@ -190,6 +226,24 @@ class Metrics:
             if self.consistency is None:
                 self.consistency = ClassConsistency(logits.shape[1]).to(self.device)
             self.consistency.update(logits, labels.to(self.device))
+
+    def _paired(self, feats, n_fake: int) -> dict:
+        """fid_diff = FID - the base run's FID on the same sample indices, and its paired bootstrap s.e."""
+        import numpy as np
+
+        f = paired_features_file(self.paired_with)
+        with np.load(f, allow_pickle=False) as z:
+            base, base_ref = torch.from_numpy(z["features"].astype(np.float32)), str(z["ref_stats"])
+        if Path(base_ref).resolve() != self.ref_path.resolve() and not (
+                Path(base_ref).is_file() and file_digest(base_ref) == self.ref_digest):
+            raise ValueError(f"metrics.paired_with: the base run was scored against {base_ref}, this run against "
+                             f"{self.ref_path}: paired FIDs need the same reference statistics")
+        if feats is None or len(feats) != n_fake:
+            raise ValueError(f"metrics.paired_with needs every generated feature row: raise metrics.pr_max_fake to "
+                             f">= {n_fake}")
+        d, se = paired_fid_difference(feats.float().cpu(), base, self.ref.mu, self.ref.cov, self.n_boot or 200,
+                                      self.seed)
+        return {"fid_diff": d, "fid_diff_se": se, "paired_with": str(f.resolve())}
 
     def reset(self) -> None:
         """Forget the generated images (the real statistics stay)."""
@@ -214,6 +268,8 @@ class Metrics:
             out["fid_se"] = bootstrap_fid_se(feats, self.ref.mu, self.ref.cov, self.n_boot, self.seed)
         elif self.n_boot:
             log.warning("no fid_se: %d of %d generated feature rows kept (raise metrics.pr_max_fake)", len(feats), n_fake)
+        if self.paired_with:
+            out.update(self._paired(feats, n_fake))
         if self.do_pr:
             real = torch.from_numpy(self.ref.pr_features).to(self.device)
             m = min(len(real), len(feats)) if self.pr_equal_sizes else None
