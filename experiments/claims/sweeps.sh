@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The sweeps behind the claims table of experiments/README.md, on one model, resumable.
+#
+#   bash experiments/claims/sweeps.sh --list                  # the groups, in order
+#   bash experiments/claims/sweeps.sh                         # every group (hours on 2 CPU cores)
+#   ONLY='skip_|rho_m' bash experiments/claims/sweeps.sh      # the groups whose name matches the regex
+#   PART=0/2 bash experiments/claims/sweeps.sh & PART=1/2 bash experiments/claims/sweeps.sh   # two processes
+#
+# Each group runs its sweeps with resume=true into multirun/claims/<tag>/<sweep> (a job whose metrics.json
+# was made by the same config is skipped, so a killed run continues where it stopped) and archives each
+# finished sweep's small result files to experiments/data/claims/<tag>/<sweep> (report.py archive), which
+# is what the tables read. Paired comparisons: a group first runs its base jobs with save_features=true,
+# then every other job with metrics.paired_with=<its base>, so metrics.json holds fid_diff and its paired
+# standard error against the base on the same noise.
+#
+# Environment: MODEL (a save_pretrained folder; default the long-trained export), TAG (default "converged"),
+# N (samples per sweep job, default 500), N_HEAD (headline rows, default 5000), PY (default .venv/bin/python),
+# RHO (the rho_bottom list), RUNS / DATA (the two roots above).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+MODEL=${MODEL:-checkpoints/training/fashion_mnist/unet}
+TAG=${TAG:-converged}
+N=${N:-500}
+N_HEAD=${N_HEAD:-5000}
+RUNS=${RUNS:-multirun/claims/$TAG}
+DATA=${DATA:-experiments/data/claims/$TAG}
+RHO=${RHO:-0.5,0.6,0.7,0.8,0.85,0.9,0.95,1.05,1.1,1.2}   # rho_bottom besides the base's 1 (rho_top = 1)
+
+run() {   # run <sweep> <overrides...>: one multirun into $RUNS/<sweep>, then its archive
+  local name=$1; shift
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline HF_HUB_OFFLINE=1
+  echo "== $RUNS/$name: $*"
+  "$PY" run.py -m logger=none resume=true "backbone.pretrained=$MODEL" "hydra.sweep.dir=$RUNS/$name" "$@"
+  "$PY" experiments/report.py archive "$RUNS/$name" "$DATA/$name" >/dev/null
+}
+
+base() {  # base <sweep> <subdir pattern> <overrides...>: the rho = 1 / no-strategy jobs the others pair with
+  local name=$1 subdir=$2; shift 2
+  run "$name" save_features=true "hydra.sweep.subdir=$subdir" "$@"
+}
+
+skip_sampler() {  # Skip-Tuning with one ODE sampler at about 5 / 10 / 20 NFE
+  local s=$1 steps=$2; shift 2
+  base "skip_${s}_base" '${sampler.steps}' "n_samples=$N" "sampler.steps=$steps" "$@"
+  run "skip_${s}" "n_samples=$N" "sampler.steps=$steps" "skip.rho_bottom=$RHO" \
+    "metrics.paired_with=$RUNS/skip_${s}_base/\${sampler.steps}" "$@"
+}
+
+group_skip_dpmpp() { skip_sampler dpmpp 5,10,20 sampler=dpmpp; }
+group_skip_ddim()  { skip_sampler ddim 5,10,20 sampler=ddim; }
+group_skip_heun()  { skip_sampler heun 3,5,10 sampler=heun; }      # NFE 2 steps - 1: 5, 9, 19
+group_skip_unipc() { skip_sampler unipc 5,10,20 sampler=diffusers sampler.scheduler=UniPCMultistepScheduler; }
+# rho*(M) ~ 1 - C / M^alpha: DPM-Solver++ at more M (5, 10, 20 come from skip_dpmpp)
+group_rho_m()      { skip_sampler dpmpp_m 8,15,30,50 sampler=dpmpp; }
+group_skip_sde()   { skip_sampler ddpm 10,20,50 sampler=ddpm; }
+
+group_skip_norms() {  # prop_i = ||d_i|| / ||u_i|| at every skip and step, plain and rho_bottom = 0.8
+  run skip_norms task=skip_norms sampler=dpmpp,ddim sampler.steps=10 skip.rho_bottom=0.8
+}
+
+group_denoise_loss() {  # the mechanism: pixel vs feature denoising loss against rho and t (1000 test images)
+  run denoise_loss task=denoise_loss task.n_images=1000 skip.rho_bottom=0.5,0.7,0.8,0.9,1.1
+}
+
+group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-uniform, paired with no cache
+  base deepcache_base base "n_samples=$N" sampler=ddim sampler.steps=100
+  run deepcache "n_samples=$N" sampler=ddim sampler.steps=100 cache=deepcache cache.interval=2,3,5,10 \
+    cache.schedule=uniform,nonuniform "metrics.paired_with=$RUNS/deepcache_base/base"
+}
+
+gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept)
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" run.py task=gamma logger=none "backbone.pretrained=$MODEL" \
+    task.M=1000 task.timesteps=20
+}
+
+group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 steps, x0 clipped or not
+  gamma
+  for clip in false true; do
+    base "analytic_base_clip$clip" '${sampler.name}_${sampler.steps}' "n_samples=$N" sampler=ddpm,ddim \
+      sampler.steps=10,25,50,100 "sampler.clip_x0=$clip"
+    run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "sampler.clip_x0=$clip" \
+      variance=analytic "metrics.paired_with=$RUNS/analytic_base_clip$clip/\${sampler.name}_\${sampler.steps}"
+  done
+}
+
+group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta, beta_tilde) vs analytic, and
+  gamma                 # the 1000-step beta bound the paper's "steps to match" counts against
+  run analytic_nll metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 sampler.var_type=beta,beta_tilde
+  run analytic_nll_a metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic
+  run analytic_nll_full metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=1000 sampler.var_type=beta
+}
+
+group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each on or off, paired with none
+  gamma
+  base compose_base base "n_samples=$N" sampler=ddim sampler.steps=20
+  local pair="metrics.paired_with=$RUNS/compose_base/base"
+  run compose "n_samples=$N" sampler=ddim sampler.steps=20 skip.rho_bottom=1.0,0.8 variance=fixed,analytic "$pair"
+  run compose_cache "n_samples=$N" sampler=ddim sampler.steps=20 skip.rho_bottom=1.0,0.8 variance=fixed,analytic \
+    cache=deepcache cache.interval=2 "$pair"
+}
+
+group_headline() {  # 5000 samples: the issue's targets and the frontier's anchors
+  run headline "n_samples=$N_HEAD" sampler=dpmpp sampler.steps=5,10,20,50,100
+  run headline_ddpm "n_samples=$N_HEAD" sampler=ddpm sampler.steps=100
+  run headline_inception "n_samples=$N_HEAD" metrics=inception sampler=dpmpp sampler.steps=10,20,50
+}
+
+ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache analytic
+        analytic_nll compose headline)
+if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
+part=${PART:-0/1}; k=${part%/*}; of=${part#*/}
+i=0
+for g in "${ALL[@]}"; do
+  if [[ -z "${ONLY:-}" || "$g" =~ ${ONLY} ]] && (( i % of == k )); then "group_$g"; fi
+  i=$((i + 1))
+done
