@@ -114,7 +114,14 @@ def load(dirs) -> pd.DataFrame:
         parts = [[f"order {o}"] if isinstance(o, str) else [] for o in df["order"]]
         parts = [p + (["lower_order_final=always"] if lof == "always" else []) for p, lof in
                  zip(parts, df["lower_order_final"])]
-        df["sampler_label"] = df["sampler"] + [f"({', '.join(p)})" if p else "" for p in parts]
+        if "scheduler" not in df.columns:      # runs made before metrics.json named it: from the overrides
+            df["scheduler"] = override("sampler.scheduler")
+        df["scheduler"] = [s if not pd.isna(s) else (job_cfg(j, "sampler").get("scheduler") if n == "diffusers" else None)
+                           for s, n, j in zip(df["scheduler"].astype(object), df["sampler"], df["job_dir"])]
+        # diffusers: the scheduler's name (UniPCMultistepScheduler -> diffusers UniPCMultistep)
+        names = [f"diffusers {str(s).removesuffix('Scheduler')}" if n == "diffusers" and isinstance(s, str) else n
+                 for n, s in zip(df["sampler"], df["scheduler"])]
+        df["sampler_label"] = pd.Series(names, index=df.index) + [f"({', '.join(p)})" if p else "" for p in parts]
     return df
 
 

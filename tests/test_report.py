@@ -533,3 +533,17 @@ def test_denoise_prints_relative_changes_per_t_and_rho(report, tmp_path, capsys)
     assert "| t | rho_bottom=0.5 | rho_bottom=0.8 |" in pixel
     assert "| 100 | +10.0 +- 1.0 | +20.0 +- 1.0 |" in pixel
     assert "| 500 | -10.0 +- 1.0 | -10.0 +- 1.0 |" in feature and "| 100 | -2.0 +- 1.0 |" in feature
+
+
+def test_a_diffusers_run_is_labelled_by_its_scheduler(report, tmp_path, monkeypatch):
+    from conftest import compose_cfg
+    from fewstep.tasks import dispatch
+
+    run_dir = tmp_path / "unipc"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    result = dispatch(compose_cfg(["sampler=diffusers", "sampler.scheduler=UniPCMultistepScheduler", "sampler.steps=3",
+                                   "n_samples=20", "batch_size=20", "logger=none"]))
+    assert result["scheduler"] == "UniPCMultistepScheduler"
+    df = report.load([str(tmp_path)])
+    assert list(df["sampler_label"]) == ["diffusers UniPCMultistep"]

@@ -1,11 +1,15 @@
 """The training curves of the long runs: fast FID (with its standard error) against total training step, one
-line per progress log; the class-conditional run also shows its class accuracy.
+line per progress log; the class-conditional run also shows its class accuracy. The 5000-sample FIDs of
+saved exports (archived runs under experiments/data/training_n5000/s<total step>_<sampler><NFE>/, made by
+the command in experiments/training/README.md) are drawn over them, one marker per sampler setting.
 
     python experiments/training/plot.py     # reads experiments/training/*.csv, writes experiments/figures/training.png
 """
 from __future__ import annotations
 
 import csv
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +20,17 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 def read(path: Path) -> list:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def full_evals() -> dict:
+    """{label: [(total step, fid, fid_se)]} from the archived 5000-sample runs (folder s<step>_<label>)."""
+    out = {}
+    for m in sorted((HERE.parent / "data" / "training_n5000").glob("s*_*/metrics.json")):
+        hit = re.fullmatch(r"s(\d+)_(.+)", m.parent.name)
+        if hit:
+            r = json.loads(m.read_text())
+            out.setdefault(hit.group(2), []).append((int(hit.group(1)), r["fid"], r.get("fid_se", 0.0), r["n_samples"]))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -39,8 +54,12 @@ def main() -> None:
             ax2.plot(*zip(*acc), marker="o", ms=3, label=path.stem)
         print(f"{path.name}: {len(rows)} rows, total step {step[0]}..{step[-1]}, fast FID {fid[0]:.1f} -> {fid[-1]:.1f}"
               f" (best {min(fid):.1f})" + (f", class accuracy {acc[-1][1]:.3f}" if acc else ""))
+    for label, pts in full_evals().items():
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="s", ms=5, capsize=2,
+                    ls="--", label=f"unet, {label}, {pts[0][3]} samples")
+        print(f"{label} ({pts[0][3]} samples): " + ", ".join(f"step {p[0]}: FID {p[1]:.2f} +- {p[2]:.2f}" for p in pts))
     ax.set_xlabel("total training step")
-    ax.set_ylabel("fast FID (1000 samples, classifier)")
+    ax.set_ylabel("FID (classifier features)")
     ax.legend(fontsize=7)
     ax2.set_xlabel("total training step")
     ax2.set_ylabel("class accuracy of conditional samples")

@@ -210,6 +210,8 @@ def evaluate_rank(dist: Dist, cfg):
             interval = cfg.guidance.interval
             result["guidance_interval"] = None if interval is None else f"[{interval[0]:g},{interval[1]:g}]"
             result["guidance_rescale"] = float(cfg.guidance.rescale)
+    if cfg.sampler.name == "diffusers":                                  # which scheduler drove the network
+        result["scheduler"] = str(cfg.sampler.scheduler)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
         result["timesteps"] = cfg.sampler.timesteps
         result["endpoint"] = bool(cfg.sampler.endpoint)
