@@ -250,6 +250,9 @@ def test_skip_norms_core(adapter, tmp_path):
     assert (tmp_path / "skip_norms.png").stat().st_size > 0
     summary = summarize(rows)
     assert summary["nfe/plain"] == 3 and summary["prop/linear/i0"] < summary["prop/plain/i0"]
+    for v in variants:
+        assert summary[f"prop_max/{v}/i0"] == max(r["prop"] for r in rows if r["variant"] == v and r["depth"] == 0)
+        assert summary[f"prop_max/{v}"] == max(r["prop"] for r in rows if r["variant"] == v)
 
 
 def test_recorder_counts_partial_evaluations():

@@ -103,13 +103,18 @@ def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[
 
 
 def summarize(rows: Sequence[dict]) -> Dict[str, float]:
-    """prop/<variant>/i<depth>: average over evaluations; nfe/<variant>: evaluations recorded."""
+    """prop/<variant>/i<depth>: average over evaluations; prop_max/<variant>/i<depth> and prop_max/<variant>:
+    the largest over evaluations (and skips), which says whether prop_i < 1 held at every skip and step;
+    nfe/<variant>: evaluations recorded."""
     acc = defaultdict(list)
     steps = defaultdict(set)
     for r in rows:
         acc[(r["variant"], r["depth"])].append(r["prop"])
         steps[r["variant"]].add(r["step"])
     out = {f"prop/{v}/i{i}": sum(p) / len(p) for (v, i), p in sorted(acc.items())}
+    out.update({f"prop_max/{v}/i{i}": max(p) for (v, i), p in sorted(acc.items())})
+    for v in steps:
+        out[f"prop_max/{v}"] = max(max(p) for (w, _), p in acc.items() if w == v)
     out.update({f"nfe/{v}": len(s) for v, s in steps.items()})
     return out
 
