@@ -149,12 +149,9 @@ def markdown(df: pd.DataFrame) -> str:
 def fit_rho(df: pd.DataFrame, metric="fid"):
     """Best rho_bottom per NFE M, then the fit rho*(M) = 1 - C / M^alpha (least squares).
 
-    A best value on the edge of the grid run at that M is flagged: the optimum may lie beyond it. The law
-    stays on one side of 1 for every M (C > 0: below, C < 0: above), so it is fitted only when every
-    rho* != 1 lies on the same side and there are two such M at least.
+    A best value on the edge of the grid run at that M is flagged: the optimum may lie beyond it. The fit
+    and when it is refused: rho_law.
     """
-    from scipy.optimize import curve_fit
-
     df = df.assign(rho=df["rho_bottom"].astype(float))
     best = df.loc[df.groupby("nfe")[metric].idxmin(), ["nfe", "rho", metric]].sort_values("nfe")
     lo, hi = (df.groupby("nfe")["rho"].agg(["min", "max"])[c] for c in ("min", "max"))
@@ -164,37 +161,49 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
     print(markdown(best.rename(columns={"rho": "best rho_bottom", "grid": "rho_bottom tried",
                                         "edge": "on the grid's edge"})))
     M, r = best["nfe"].to_numpy(float), best["rho"].to_numpy(float)
+    law = rho_law(M, r)
+    if isinstance(law, str):
+        print(f"\n{law}")
+        return
+    pm = (lambda v, e: f"{v:.3f} +- {e:.3f}") if law["C_se"] is not None else (lambda v, e: f"{v:.3f}")
+    print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {pm(law['C'], law['C_se'])}, "
+          f"alpha = {pm(law['alpha'], law['alpha_se'])}"
+          f"{'' if law['C_se'] is not None else ' (two points: no uncertainty)'}, "
+          f"RMS error = {law['rms']:.3f}, max |error| = {law['max_err']:.3f}")
+
+
+def rho_law(M, r):
+    """Least-squares fit of rho*(M) = 1 - C / M^alpha to the best rho_bottom r at NFE M: a dict of C, alpha,
+    their standard errors (None with two points: no scatter to read them from; rho* is known only to the
+    grid's step anyway), RMS and max error; or a one-line reason why no fit is possible. The law stays on
+    one side of 1 for every M (C > 0: below, C < 0: above), so it needs every rho* != 1 on the same side,
+    at two M at least."""
+    from scipy.optimize import curve_fit
+
+    M, r = np.asarray(M, float), np.asarray(r, float)
     below = [(int(m), v) for m, v in zip(M, r) if v < 1.0]
     above = [(int(m), v) for m, v in zip(M, r) if v > 1.0]
     say = lambda pts: ", ".join(f"M = {m} ({v:g})" for m, v in pts)  # noqa: E731
     if not below and not above:
-        print("\nbest rho_bottom is 1 at every M: Skip-Tuning does not help here, no fit")
-        return
+        return "best rho_bottom is 1 at every M: Skip-Tuning does not help here, no fit"
     if below and above:
-        print(f"\nbest rho_bottom < 1 at {say(below)} but > 1 at {say(above)}: rho*(M) crosses 1, which "
-              f"1 - C / M^alpha (one side of 1 for every M) cannot follow, no fit")
-        return
+        return (f"best rho_bottom < 1 at {say(below)} but > 1 at {say(above)}: rho*(M) crosses 1, which "
+                f"1 - C / M^alpha (one side of 1 for every M) cannot follow, no fit")
     off = below or above
     if len(off) < 2:   # 1 - C / M^alpha through one point off 1 and the rest at 1: alpha -> infinity
         side = "<" if below else ">"
-        print(f"\nbest rho_bottom {side} 1 only at {say(off)}, 1 elsewhere: the two-parameter "
-              f"fit needs rho* {side} 1 at two M at least, no fit")
-        return
+        return (f"best rho_bottom {side} 1 only at {say(off)}, 1 elsewhere: the two-parameter "
+                f"fit needs rho* {side} 1 at two M at least, no fit")
     try:
         (C, alpha), cov = curve_fit(lambda m, C, a: 1 - C / m ** a, M, r, p0=(0.5 if below else -0.5, 0.5),
                                     maxfev=10000)
     except RuntimeError as e:
-        print(f"\nthe fit rho*(M) = 1 - C / M^alpha did not converge ({e})")
-        return
+        return f"the fit rho*(M) = 1 - C / M^alpha did not converge ({e})"
     pred = 1 - C / M ** alpha
-    # standard errors from the residual scatter (curve_fit's covariance); with as many M as parameters
-    # there is no scatter to read them from, and rho* is known only to the grid's step anyway
     se = np.sqrt(np.diag(cov)) if len(M) > 2 and np.all(np.isfinite(cov)) else None
-    pm = (lambda v, e: f"{v:.3f} +- {e:.3f}") if se is not None else (lambda v, e: f"{v:.3f}")
-    print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {pm(C, se[0] if se is not None else 0)}, "
-          f"alpha = {pm(alpha, se[1] if se is not None else 0)}"
-          f"{'' if se is not None else ' (two points: no uncertainty)'}, "
-          f"RMS error = {np.sqrt(np.mean((pred - r) ** 2)):.3f}, max |error| = {np.max(np.abs(pred - r)):.3f}")
+    return {"C": float(C), "alpha": float(alpha), "C_se": None if se is None else float(se[0]),
+            "alpha_se": None if se is None else float(se[1]), "rms": float(np.sqrt(np.mean((pred - r) ** 2))),
+            "max_err": float(np.max(np.abs(pred - r)))}
 
 
 def nll_table(dirs):

@@ -13,13 +13,15 @@
 # then every other job with metrics.paired_with=<its base>, so metrics.json holds fid_diff and its paired
 # standard error against the base on the same noise.
 #
-# Environment: MODEL (a save_pretrained folder; default the long-trained export), TAG (default "converged"),
+# Environment: MODEL (a save_pretrained folder; default the long-trained export), MODEL_COND (the
+# class-conditional one, for the guidance group), TAG (default "converged"),
 # N (samples per sweep job, default 500), N_HEAD (headline rows, default 5000), PY (default .venv/bin/python),
 # RHO (the rho_bottom list), RUNS / DATA (the two roots above).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 MODEL=${MODEL:-checkpoints/training/fashion_mnist/unet}
+MODEL_COND=${MODEL_COND:-checkpoints/fashion_mnist_cond/unet}
 TAG=${TAG:-converged}
 N=${N:-500}
 N_HEAD=${N_HEAD:-5000}
@@ -82,12 +84,17 @@ group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 s
     run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "sampler.clip_x0=$clip" \
       variance=analytic "metrics.paired_with=$RUNS/analytic_base_clip$clip/\${sampler.name}_\${sampler.steps}"
   done
+  # the optimal trajectory (the dynamic programme over Gamma's costs) against linspace steps, both analytic
+  run analytic_dp "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 variance=analytic sampler.timesteps=analytic_dp \
+    "metrics.paired_with=$RUNS/analytic_base_clipfalse/\${sampler.name}_\${sampler.steps}"
 }
 
 group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta, beta_tilde) vs analytic, and
   gamma                 # the 1000-step beta bound the paper's "steps to match" counts against
   run analytic_nll metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 sampler.var_type=beta,beta_tilde
   run analytic_nll_a metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic
+  run analytic_nll_dp metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic \
+    sampler.timesteps=analytic_dp
   run analytic_nll_full metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=1000 sampler.var_type=beta
 }
 
@@ -100,6 +107,12 @@ group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each
     cache=deepcache cache.interval=2 "$pair"
 }
 
+group_guidance() {  # the class-conditional model: guidance everywhere, then only in t in [100, 700], paired per w
+  MODEL=$MODEL_COND base guidance_base 'w${guidance.scale}' experiment=guidance_sweep
+  MODEL=$MODEL_COND run guidance_interval experiment=guidance_sweep 'guidance.interval=[100,700]' \
+    "metrics.paired_with=$RUNS/guidance_base/w\${guidance.scale}"
+}
+
 group_headline() {  # 5000 samples: the issue's targets and the frontier's anchors
   run headline "n_samples=$N_HEAD" sampler=dpmpp sampler.steps=5,10,20,50,100
   run headline_ddpm "n_samples=$N_HEAD" sampler=ddpm sampler.steps=100
@@ -107,7 +120,7 @@ group_headline() {  # 5000 samples: the issue's targets and the frontier's ancho
 }
 
 ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache analytic
-        analytic_nll compose headline)
+        analytic_nll compose guidance headline)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
 part=${PART:-0/1}; k=${part%/*}; of=${part#*/}
 i=0

@@ -1,0 +1,111 @@
+"""experiments/claims/table.py: each claim's verdict follows from the archived sweep data by its stated rule."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("claims_table", ROOT / "experiments" / "claims" / "table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sweep(root: Path, name: str, rows):
+    (root / name).mkdir(parents=True)
+    rows = [dict(job=str(i), overrides="", **r) for i, r in enumerate(rows)]
+    pd.DataFrame(rows).to_csv(root / name / "summary.csv", index=False)
+
+
+def skip_rows(best_by_nfe, base=20.0, se=0.3, grid=(0.5, 0.7, 0.8, 0.9, 1.1, 1.2)):
+    """rho rows whose paired FID difference is a parabola with its minimum at best_by_nfe[nfe] (80 (rho - best)^2 minus its value at 1)."""
+    rows = []
+    for nfe, best in best_by_nfe.items():
+        for rho in grid:
+            d = 80 * (rho - best) ** 2 - 80 * (1 - best) ** 2
+            rows.append(dict(sampler="dpmpp", steps=nfe, nfe=nfe, rho_bottom=rho, fid=base + d, fid_diff=d, fid_diff_se=se))
+    return rows
+
+
+def test_skip_tuning_verdicts(table, tmp_path):
+    sweep(tmp_path / "a", "skip_dpmpp", skip_rows({5: 0.7, 10: 0.8, 20: 0.9}))
+    claim, _, measured, verdict = table.row_skip_ode(tmp_path / "a")
+    assert verdict.startswith("reproduced (3 of 3") and "5: rho 0.7, -7.20 +- 0.30 (-36%)" in measured
+    sweep(tmp_path / "b", "skip_dpmpp", skip_rows({5: 0.7, 10: 1.0, 20: 1.0}))
+    assert table.row_skip_ode(tmp_path / "b")[3].startswith("partly (1 of 3")
+    sweep(tmp_path / "c", "skip_dpmpp", skip_rows({5: 1.2, 10: 1.1, 20: 1.0}))
+    assert table.row_skip_ode(tmp_path / "c")[3].startswith("reversed")
+    sweep(tmp_path / "d", "skip_dpmpp", skip_rows({5: 0.8}, se=5.0))          # below 1 but within the noise
+    assert table.row_skip_ode(tmp_path / "d")[3].startswith("not reproduced")
+
+
+def test_rho_law_is_fitted_from_the_best_rho_per_nfe(table, tmp_path):
+    C, alpha = 0.6, 0.5
+    best = {m: round(1 - C / m ** alpha, 2) for m in (5, 10, 20)}
+    fine = tuple(np.round(np.arange(0.5, 1.0, 0.01), 2))
+    sweep(tmp_path, "skip_dpmpp", skip_rows(best, grid=fine))
+    rows = []
+    for m in (8, 15, 30, 50):
+        b = round(1 - C / m ** alpha, 2)
+        rows += [dict(sampler="dpmpp", steps=m, nfe=m, rho_bottom=r, fid=20 + 8 * (r - b) ** 2, fid_diff=8 * (r - b) ** 2 - 8 * (1 - b) ** 2,
+                      fid_diff_se=0.1) for r in np.round(np.arange(0.5, 1.0, 0.01), 2)]
+    sweep(tmp_path, "skip_dpmpp_m", rows)
+    _, _, measured, verdict = table.row_rho_law(tmp_path)
+    assert verdict == "reproduced" and "M=50: 0.92" in measured
+    fit = measured.split("fit ")[1]
+    c, a = float(fit.split("C = ")[1].split(" ")[0]), float(fit.split("alpha = ")[1].split(" ")[0])
+    assert c == pytest.approx(C, abs=0.03) and a == pytest.approx(alpha, abs=0.03)   # the grid's 0.01 step
+
+
+def test_deepcache_rows(table, tmp_path):
+    sweep(tmp_path, "deepcache_base", [dict(sampler="ddim", steps=100, fid=10.0, macs_per_sample=100.0, wall_time_s=100.0)])
+    rows = []
+    for n, wall in ((2, 1.5), (3, 1.7), (5, 1.9), (10, 2.1)):
+        for sched, d in (("uniform", 0.2 * n), ("nonuniform", 0.1 * n if n >= 5 else 0.2 * n)):
+            rows.append(dict(sampler="ddim", steps=100, cache="deepcache", interval=n, schedule=sched, fid=10 + d,
+                             fid_diff=d, fid_diff_se=0.1, macs_per_sample=100.0 / (1 + 0.5 * n), wall_time_s=100 / wall))
+    sweep(tmp_path, "deepcache", rows)
+    _, _, measured, verdict = table.row_deepcache_speed(tmp_path)
+    assert "N=2: 2.00x MACs, 1.50x wall, FID +0.40 +- 0.10" in measured
+    assert verdict.startswith("partly")      # N = 10: +2.0 FID is 20% of the base 10: more than the rule's 10%
+    _, _, measured, verdict = table.row_deepcache_nonuniform(tmp_path)
+    assert verdict == "reproduced" and "N=10: non-uniform - uniform -1.00 +- 0.14" in measured
+
+
+def test_analytic_fid_and_composition(table, tmp_path):
+    sweep(tmp_path, "analytic_clipfalse", [dict(sampler=s, steps=k, variance="analytic", fid=10, fid_diff=-1.0, fid_diff_se=0.2)
+                                           for s in ("ddpm", "ddim") for k in (10, 25)])
+    sweep(tmp_path, "analytic_cliptrue", [dict(sampler="ddim", steps=10, variance="analytic", fid=10, fid_diff=0.8, fid_diff_se=0.2)])
+    _, _, measured, verdict = table.row_analytic_fid(tmp_path)
+    assert verdict == "partly" and "DDIM K=10 clip: +0.80 +- 0.20" in measured
+    cells = [(1.0, "fixed", 0.0), (0.8, "fixed", -1.0), (1.0, "analytic", -2.0), (0.8, "analytic", -3.0)]
+    sweep(tmp_path, "compose", [dict(sampler="ddim", steps=20, rho_bottom=r, variance=v, cache="none", fid=20 + d,
+                                     fid_diff=d, fid_diff_se=0.2) for r, v, d in cells])
+    sweep(tmp_path, "compose_cache", [dict(sampler="ddim", steps=20, rho_bottom=r, variance=v, cache="deepcache",
+                                           fid=20 + d + 0.5, fid_diff=d + 0.5, fid_diff_se=0.2) for r, v, d in cells])
+    _, _, measured, verdict = table.row_compose(tmp_path)
+    assert "sum of the singles -2.50, all three minus that sum +0.00" in measured and verdict == "reproduced"
+
+
+def test_a_claim_without_its_sweep_is_not_run(table, tmp_path):
+    rows = table.claims(tmp_path, None, [])
+    assert len(rows) == 13 and all(r[3] == "not run" for r in rows)
+    assert rows[0][2] == "not run (no skip_* in the data)"
+
+
+def test_guidance_row_reads_the_paired_sweeps(table, tmp_path):
+    base = [dict(guidance="cfg", guidance_scale=w, fid=f, fid_se=1.0, recall=rc, class_accuracy=a)
+            for w, f, rc, a in ((0.0, 18, 0.9, 0.12), (1.0, 4, 0.89, 0.77), (2.0, 8, 0.8, 0.92), (4.0, 20, 0.66, 0.98))]
+    sweep(tmp_path, "guidance_base", base)
+    sweep(tmp_path, "guidance_interval", [dict(r, guidance_interval="[100,700]", fid=r["fid"] - 1, fid_diff=-1.0,
+                                               fid_diff_se=0.3) for r in base])
+    _, _, measured, verdict = table.row_guidance(tmp_path, [])
+    assert "FID lowest at w = 1 (4.00)" in measured and "(paired): w=2: -1.00 +- 0.30, w=4: -1.00 +- 0.30" in measured
+    assert verdict.startswith("reproduced")
