@@ -13,12 +13,11 @@ the rule changes the noise only, never the mean. eta = 0 is the deterministic DD
 The last jump goes to ab = 1 (s = -1, clean data), like diffusers' `set_alpha_to_one=True`;
 no noise is added on that jump (beta_tilde is 0 there anyway).
 
-clip_x0 (off by default): clip the data prediction to the data range [-1, 1] inside the step and use the
-eps consistent with it, eps = (x - sqrt(ab_t) x0) / sqrt(1 - ab_t): the step's mean is then the mean of
-q(x_s | x_t, x0) at the clipped x0, as in the DDPM and Analytic-DPM samplers (and diffusers' DDPMScheduler
-with clip_sample=True, its DDIMScheduler with clip_sample=True and use_clipped_model_output=True; that one
-by default keeps the unclipped eps). It changes the mean, not only the noise, so the step is no longer the
-ODE's: compare results within one setting.
+clip_x0 (off by default): clip the data prediction to the data range [-1, 1] inside the step, as the
+official Analytic-DPM DDIM sampler and diffusers' DDIMScheduler(clip_sample=True) do: the clipped x0 takes
+the place of x0 in eq. 12 and eps stays the network's (ddpm.py's clip re-derives eps instead, which makes its
+step the posterior mean at the clipped x0, as Ho et al.'s sampler). It changes the mean, not only the noise,
+so the step is no longer the ODE's: compare results within one setting.
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ def beta_tilde(ab_t: float, ab_s: float) -> float:
 
 def clipped_prediction(x: torch.Tensor, x0: torch.Tensor, ab_t: float):
     """(x0, eps) with x0 clipped to [-1, 1] and eps recomputed from it: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
-    still holds, so the generalized step's mean is the posterior mean of the clipped x0."""
+    still holds, so the generalized step's mean is the posterior mean of the clipped x0 (ancestral DDPM)."""
     x0 = x0.clamp(-1.0, 1.0)
     return x0, (x - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
 
@@ -80,7 +79,7 @@ def sample_ddim(model, x: torch.Tensor, ts: np.ndarray, schedule, eta: float = 0
         eps = model(x, t, **extra_args)
         x0 = schedule.x0_from_eps(x, t, eps)
         if clip_x0:
-            x0, eps = clipped_prediction(x, x0, ab_t)
+            x0 = x0.clamp(-1.0, 1.0)       # eps stays the network's (the official DDIM sampler)
         if callback is not None:
             callback(i, t, x, x0)
         lam2 = eta ** 2 * beta_tilde(ab_t, ab_s)

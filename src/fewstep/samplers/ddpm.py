@@ -10,8 +10,9 @@ its mean is the DDPM posterior mean, which is the DDIM generalized step (eq. 12 
 or `variance(t, s, lam2=beta_tilde)` when a variance rule is given (Analytic-DPM: optimal in KL,
 Bao et al. 2022). Ho et al. found both fixed choices equal at 1000 steps; on short subsequences
 beta_tilde is much better for FID and beta for likelihood. No noise on the final jump to data.
-clip_x0 clips the predicted x0 to [-1, 1] before the posterior mean, as Ho et al.'s sampler and
-diffusers' DDPMScheduler(clip_sample=True) do (see ddim.py).
+clip_x0 clips the predicted x0 to [-1, 1] and takes the posterior mean at it (eps re-derived from the
+clipped x0), as Ho et al.'s and the official Analytic-DPM DDPM samplers and diffusers'
+DDPMScheduler(clip_sample=True) do.
 """
 from __future__ import annotations
 

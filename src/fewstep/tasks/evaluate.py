@@ -212,6 +212,8 @@ def evaluate_rank(dist: Dist, cfg):
             result["guidance_rescale"] = float(cfg.guidance.rescale)
     if cfg.sampler.name == "diffusers":                                  # which scheduler drove the network
         result["scheduler"] = str(cfg.sampler.scheduler)
+    if cfg.sampler.name in ("ddpm", "ddim"):
+        result["clip_x0"] = bool(cfg.sampler.clip_x0)
     if cfg.sampler.name != "diffusers":                                  # the time grid, for the tables
         result["timesteps"] = cfg.sampler.timesteps
         result["endpoint"] = bool(cfg.sampler.endpoint)
