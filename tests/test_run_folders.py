@@ -108,6 +108,20 @@ def test_killed_sweep_resumed_gives_one_row_per_job(tmp_path):
         assert "experiment=gmm_demo" in name and "resume" not in name, name
 
 
+def test_an_override_with_a_slash_nests_the_job_folder_and_the_summary_finds_it(tmp_path):
+    """A value with a `/` (a model folder) nests Hydra's job folder: summary.csv names each job by its path
+    below the sweep folder, so its rows lead back to their metrics.json."""
+    from fewstep.sweeps import collect_summary
+
+    sweep = tmp_path / "sweep"
+    run_py("-m", *GMM, "logger=none", f"hydra.sweep.dir={sweep}", "sampler.steps=3,5", "tags=[runs/a]")
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(int(r["steps"]) for r in rows) == [3, 5]
+    for r in rows:
+        assert "/" in r["job"] and (sweep / r["job"] / "metrics.json").is_file(), r["job"]
+    assert sorted(r["job"] for r in collect_summary(sweep)) == sorted(r["job"] for r in rows)   # no job list: a walk
+
+
 def test_job_folder_names_carry_the_experiment_and_not_resume():
     def dirname(*overrides):
         from hydra import compose, initialize_config_dir

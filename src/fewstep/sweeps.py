@@ -22,10 +22,13 @@ SWEEP_JOBS_FILE = ".fewstep_jobs"   # in the sweep folder: "<job num>\t<job fold
 
 def collect_summary(sweep_dir: Path, jobs: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """One row per job folder of a sweep: its overrides and its metrics.json. jobs: only these job folders
-    (names, in this order); None: every job folder there."""
+    (paths relative to the sweep folder, in this order); None: every folder below it that holds a metrics.json.
+    A job is named by its path relative to the sweep folder: an override value with a `/` (a model folder)
+    nests Hydra's job folder below the sweep folder."""
     sweep_dir = Path(sweep_dir)
     if jobs is None:
-        folders = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name))
+        found = [f.parent for f in sweep_dir.rglob(METRICS_FILE) if "wandb" not in f.relative_to(sweep_dir).parts]
+        folders = sorted(found, key=lambda p: (len(p.relative_to(sweep_dir).as_posix()), p.relative_to(sweep_dir).as_posix()))
     else:
         folders = [sweep_dir / j for j in dict.fromkeys(jobs)]
     rows = []
@@ -36,7 +39,7 @@ def collect_summary(sweep_dir: Path, jobs: Optional[List[str]] = None) -> List[D
         metrics = json.loads(mfile.read_text())
         ov_file = job / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.to_container(OmegaConf.load(ov_file)) if ov_file.exists() else []
-        row = {"job": job.name, "overrides": " ".join(overrides)}
+        row = {"job": job.relative_to(sweep_dir).as_posix(), "overrides": " ".join(overrides)}
         row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and k not in SUMMARY_SKIP})
         rows.append(row)
     return rows
