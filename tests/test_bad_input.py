@@ -40,13 +40,15 @@ def renamed_ref_stats(tmp):
     return [f"metrics.ref_stats_dir={d}", f"metrics.classifier_dir={SHIPPED / 'classifier'}", "dataset=mnist5k"]
 
 
-def paired_base(tmp, rows=20, seed=0):
-    """A base run folder for metrics.paired_with: features.npz with `rows` rows, its config with `seed`."""
+def paired_base(tmp, rows=20, seed=0, ref=SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz"):
+    """A base run folder for metrics.paired_with: features.npz with `rows` rows scored against `ref`, its config
+    with `seed`."""
     import numpy as np
 
     d = tmp / f"base_{rows}_{seed}"
     (d / ".hydra").mkdir(parents=True)
-    np.savez(d / "features.npz", features=np.zeros((rows, 128), np.float32), ref_stats=np.array("x"), fid=np.float64(1))
+    np.savez(d / "features.npz", features=np.zeros((rows, 128), np.float32), ref_stats=np.array(str(ref)),
+             fid=np.float64(1))
     (d / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
     return [f"metrics.paired_with={d}"]
 
@@ -80,11 +82,15 @@ CASES = [
      "dataset=gmm takes metrics=gmm", True),
     ("denoise_loss_timestep_above_N", lambda t: ["task=denoise_loss", "task.timesteps=[100,1000]"],
      "task.timesteps must be a list of integer timesteps in 0..999", True),
+    ("denoise_loss_without_features", lambda t: ["task=denoise_loss", "metrics=cost"],
+     "task=denoise_loss needs a feature network", True),
     ("denoise_loss_with_a_cache", lambda t: ["task=denoise_loss", "cache=deepcache"],
      "task=denoise_loss measures single network calls", True),
     ("paired_with_no_features", lambda t: [f"metrics.paired_with={t}"], "no features.npz there", True),
     ("paired_with_other_sample_count", lambda t: paired_base(t, rows=7), "holds 7 samples, this run makes 20", True),
     ("paired_with_other_seed", lambda t: paired_base(t, seed=5), "the base run used seed=5", True),
+    ("paired_with_other_ref_stats", lambda t: paired_base(t, ref=t / "other.npz"), "need the same reference statistics",
+     True),
     ("diverging_samples", lambda t: ["skip.rho_bottom=1e30", "n_samples=10"],
      "network output of network call 1 (t = 999) is not finite", False),
 ]

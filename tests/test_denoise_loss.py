@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(),
                                 reason="needs the Fashion-MNIST test split (make data)")
 
 
-def run_task(tmp_path, *overrides):
+def run_task(tmp_path, *overrides, timesteps="[500,100]"):
     from fewstep.tasks import denoise_loss
 
-    cfg = compose_cfg(["task=denoise_loss", "task.n_images=6", "task.timesteps=[500,100]", "logger=none", *overrides])
-    out = tmp_path / "_".join(o.replace("/", "_") for o in overrides)
+    cfg = compose_cfg(["task=denoise_loss", "task.n_images=6", f"task.timesteps={timesteps}", "logger=none", *overrides])
+    out = tmp_path / "_".join([o.replace("/", "_") for o in overrides] + [timesteps.strip("[]").replace(",", "_")])
     out.mkdir()
     result = denoise_loss.run(cfg, out_dir=str(out))
     with open(out / "denoise_loss.csv") as f:
@@ -36,18 +36,17 @@ def test_losses_are_the_definitions_on_the_same_images_and_noise(tmp_path):
     assert [(r["variant"], int(r["t"])) for r in rows] == [("plain", 100), ("plain", 500), ("linear", 100),
                                                           ("linear", 500)]
     assert result["variants"] == ["plain", "linear"] and (out / "denoise_loss.png").stat().st_size > 1000
-    # recompute by hand: the seeded subset, the first draw of each image's generator at t = 100, the second at 500
+    # recompute by hand: the seeded subset, and each image's noise at t from its stream (seed, i, t)
     x, y = load_dataset(cfg.dataset, split="test", with_labels=True)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:6].sort().values
     x0 = x[idx]
-    noise = SampleNoise(0, idx.tolist(), x0.shape[1:])
     model, feature = build_denoiser(cfg), build_feature(cfg.metrics)
     strategy = list(model.backbone.skip_hooks)
     assert strategy
     want = {}
     with torch.no_grad():
         for t in (100, 500):
-            eps = noise()
+            eps = SampleNoise(0, idx.tolist(), x0.shape[1:], stream=1 + t)()
             ab = float(model.schedule.alpha_bar_at(t))
             xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
             for variant, hooks in (("plain", []), ("linear", strategy)):
@@ -74,7 +73,12 @@ def test_losses_are_the_definitions_on_the_same_images_and_noise(tmp_path):
     assert result["rel_feature/low"] == pytest.approx(float(lin[100]["rel_feature"]))
     assert result["rel_pixel_eps/mid"] == pytest.approx(float(lin[500]["rel_pixel_eps"]))
     assert result["rel_feature/all"] == pytest.approx((float(lin[100]["rel_feature"]) + float(lin[500]["rel_feature"])) / 2)
-    # the batch size does not change which image gets which noise
+    assert result["rel_feature/low_se"] == pytest.approx(float(lin[100]["d_feature_se"]) / float(
+        next(q for q in rows if q["variant"] == "plain" and q["t"] == "100")["feature"]), rel=1e-6)
+    assert "rel_feature/high" not in result            # no t >= 750 was measured
+    # neither the batch size nor the other timesteps measured change which image gets which noise
+    _, _, rows500, _ = run_task(tmp_path, "skip.rho_bottom=0.5", "task.batch_size=4", timesteps="[500]")
+    assert rows500[0]["pixel_eps"] == next(r for r in rows if r["variant"] == "plain" and r["t"] == "500")["pixel_eps"]
     _, again, rows6, _ = run_task(tmp_path, "skip.rho_bottom=0.5", "task.batch_size=6")
     for a, b in zip(rows, rows6):
         assert np.allclose([float(a[k]) for k in ("pixel_eps", "feature")],

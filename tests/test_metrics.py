@@ -377,3 +377,11 @@ def test_paired_with_records_the_paired_fid_difference_to_a_base_run(tmp_path, m
     d, se = paired_fid_difference(feats["run"], feats["base"], ref.mu, ref.cov, 100, 0)
     assert run["fid_diff"] == pytest.approx(d, rel=1e-9) and run["fid_diff_se"] == pytest.approx(se, rel=1e-9)
     assert 0 < run["fid_diff_se"] and run["paired_with"].endswith("base/features.npz")
+    # a base made by another network is refused before sampling (one line, exit 2, no result)
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with pytest.raises(SystemExit) as e:
+        dispatch(compose_cfg(common + [f"metrics.paired_with={tmp_path / 'base'}",
+                                       f"backbone.pretrained={ROOT / 'checkpoints/training/fashion_mnist/unet'}"]))
+    assert e.value.code == 2 and not (other / "metrics.json").exists()

@@ -2,7 +2,7 @@
 # The sweeps behind the claims table of experiments/README.md, on one model, resumable.
 #
 #   bash experiments/claims/sweeps.sh --list                  # the groups, in order
-#   bash experiments/claims/sweeps.sh                         # every group (hours on 2 CPU cores)
+#   MODEL=checkpoints/fashion_mnist/unet TAG=converged bash experiments/claims/sweeps.sh   # every group (hours)
 #   ONLY='skip_|rho_m' bash experiments/claims/sweeps.sh      # the groups whose name matches the regex
 #   PART=0/2 bash experiments/claims/sweeps.sh & PART=1/2 bash experiments/claims/sweeps.sh   # two processes
 #
@@ -13,16 +13,20 @@
 # then every other job with metrics.paired_with=<its base>, so metrics.json holds fid_diff and its paired
 # standard error against the base on the same noise.
 #
-# Environment: MODEL (a save_pretrained folder; default the long-trained export), MODEL_COND (the
-# class-conditional one, for the guidance group), TAG (default "converged"),
+# Environment: MODEL (required: a save_pretrained folder that no training writes into while the sweeps run;
+# copy a live export first), TAG (required: names the data folder, e.g. converged or early), MODEL_COND (the
+# class-conditional model of the guidance group, default the shipped one),
 # N (samples per sweep job, default 500), N_HEAD (headline rows, default 5000), PY (default .venv/bin/python),
 # RHO (the rho_bottom list), RUNS / DATA (the two roots above).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-MODEL=${MODEL:-checkpoints/training/fashion_mnist/unet}
 MODEL_COND=${MODEL_COND:-checkpoints/fashion_mnist_cond/unet}
-TAG=${TAG:-converged}
+if [[ "${1:-}" != "--list" && ( -z "${MODEL:-}" || -z "${TAG:-}" ) ]]; then
+  echo "sweeps.sh: set MODEL=<model folder> and TAG=<data folder name> (e.g. MODEL=checkpoints/fashion_mnist/unet TAG=converged)" >&2
+  exit 2
+fi
+MODEL=${MODEL:-}; TAG=${TAG:-}
 N=${N:-500}
 N_HEAD=${N_HEAD:-5000}
 RUNS=${RUNS:-multirun/claims/$TAG}
@@ -33,7 +37,10 @@ run() {   # run <sweep> <overrides...>: one multirun into $RUNS/<sweep>, then it
   local name=$1; shift
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline HF_HUB_OFFLINE=1
   echo "== $RUNS/$name: $*"
-  "$PY" run.py -m logger=none resume=true "backbone.pretrained=$MODEL" "hydra.sweep.dir=$RUNS/$name" "$@"
+  # the model and the base folder are the same for every job of a sweep: left out of the job folder names
+  # (a / in them would nest the folders); the resolved config and metrics.json keep them
+  "$PY" run.py -m logger=none resume=true "backbone.pretrained=$MODEL" "hydra.sweep.dir=$RUNS/$name" \
+    'hydra.job.config.override_dirname.exclude_keys=[resume,backbone.pretrained,metrics.paired_with]' "$@"
   "$PY" experiments/report.py archive "$RUNS/$name" "$DATA/$name" >/dev/null
 }
 
@@ -71,9 +78,10 @@ group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-unifo
     cache.schedule=uniform,nonuniform "metrics.paired_with=$RUNS/deepcache_base/base"
 }
 
-gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept)
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" run.py task=gamma logger=none "backbone.pretrained=$MODEL" \
-    task.M=1000 task.timesteps=20
+gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept);
+  mkdir -p "$RUNS"  # a lock, so that two PARTs never estimate it at the same time
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} flock "$RUNS/gamma.lock" "$PY" run.py task=gamma logger=none \
+    "backbone.pretrained=$MODEL" task.M=1000 task.timesteps=20
 }
 
 group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 steps, x0 clipped or not
@@ -91,11 +99,11 @@ group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 s
 
 group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta, beta_tilde) vs analytic, and
   gamma                 # the 1000-step beta bound the paper's "steps to match" counts against
-  run analytic_nll metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 sampler.var_type=beta,beta_tilde
-  run analytic_nll_a metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic
-  run analytic_nll_dp metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic \
+  run analytic_nll n_samples=10 metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 sampler.var_type=beta,beta_tilde
+  run analytic_nll_a n_samples=10 metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic
+  run analytic_nll_dp n_samples=10 metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=10,25,50,100 variance=analytic \
     sampler.timesteps=analytic_dp
-  run analytic_nll_full metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=1000 sampler.var_type=beta
+  run analytic_nll_full n_samples=10 metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=1000 sampler.var_type=beta
 }
 
 group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each on or off, paired with none

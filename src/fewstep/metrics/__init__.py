@@ -77,9 +77,24 @@ def paired_features_file(path) -> "Path":
     return p / "features.npz" if p.is_dir() else p
 
 
-def check_paired_with(cfg_metrics, n_samples: int, seed: int) -> None:
+def check_paired_model(cfg_metrics, model_id: str) -> None:
+    """metrics.paired_with once the network is built, before sampling: the base run (where its metrics.json
+    names one) was made by this same network (fewstep.identity.model_id: its weights' content)."""
+    import json
+
+    from ..config import ConfigError
+
+    m = paired_features_file(cfg_metrics.paired_with).parent / "metrics.json"
+    base = json.loads(m.read_text()).get("model_id") if m.is_file() else None
+    if base is not None and base != model_id:
+        raise ConfigError(f"metrics.paired_with: the base run was made by model {base}, this run's network is "
+                          f"{model_id}: paired runs compare one model's samples")
+
+
+def check_paired_with(cfg_metrics, cfg_dataset, n_samples: int, seed: int) -> None:
     """metrics.paired_with before any work: the base run's feature file exists, holds one row per sample
-    of this run, and (where its config is beside it) was sampled with the same seed. One-line ValueError."""
+    of this run, was scored against the reference statistics this run will use, and (where its config is
+    beside it) was sampled with the same seed. One-line ValueError."""
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -95,6 +110,14 @@ def check_paired_with(cfg_metrics, n_samples: int, seed: int) -> None:
     if rows != n_samples:
         raise ValueError(f"metrics.paired_with: {f} holds {rows} samples, this run makes {n_samples}: paired runs "
                          f"share their sample indices")
+    with np.load(f, allow_pickle=False) as z:
+        base_ref = Path(str(z["ref_stats"])) if "ref_stats" in z else None
+    ours = ref_stats_path(cfg_metrics, cfg_dataset, cfg_metrics.feature)
+    same = base_ref is not None and (base_ref.resolve() == ours.resolve() or (
+        base_ref.is_file() and ours.is_file() and file_digest(base_ref) == file_digest(ours)))
+    if not same:
+        raise ValueError(f"metrics.paired_with: the base run was scored against {base_ref}, this run will be against "
+                         f"{ours}: paired FIDs need the same reference statistics")
     base_cfg = f.parent / ".hydra" / "config.yaml"
     if base_cfg.is_file():
         base_seed = OmegaConf.load(base_cfg).get("seed")

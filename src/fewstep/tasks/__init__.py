@@ -93,13 +93,13 @@ def validate(cfg) -> None:
         need = min_samples(m)
         check(n >= need, f"n_samples={n} is too few for metrics={m.name}: it needs at least {need} "
                          f"(precision/recall k+1 = {int(m.pr_k) + 1}, IS splits = {m.is_splits})")
-    if image_metrics(cfg) and m.paired_with:
+    if image_metrics(cfg) and m.paired_with and cfg.task.name == "evaluate":
         from ..metrics import check_paired_with
 
         cap = int(m.pr_max_fake)
         check(n <= cap, f"metrics.paired_with needs every feature row (at most metrics.pr_max_fake={cap}, "
                         f"got n_samples={n}): raise metrics.pr_max_fake")
-        check_paired_with(m, n, seed)
+        check_paired_with(m, cfg.dataset, n, seed)
     if cfg.save_features:
         check(bool(m.fid), f"save_features=true needs feature metrics (metrics={m.name} has none)")
         cap = int(m.pr_max_fake)

@@ -5,7 +5,7 @@ The paper's reading: scaling the skips down (rho < 1) makes each network call a 
 space (a higher denoising score-matching loss) but a better one in the feature space of an image
 network, mostly at intermediate noise levels, and the feature space is what FID measures. This task
 measures both on real images. For image x0 (a seeded subset of task.split), timestep t and noise eps
-(per image and t, from the generator of (task.seed, image index): the same for every run), with
+(per image and t, from the generator of (task.seed, image index, t): the same in every run), with
 x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps and the prediction x0_hat = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t):
 
     pixel_eps   = ||eps_hat - eps||^2 / d           the training loss (DDPM's L_simple)
@@ -21,8 +21,9 @@ class-conditional network is given each image's own label. Writes into the run f
     denoise_loss.csv   variant, t, ab, pixel_eps, pixel_x0, feature (means over images) and their
                        standard errors; for the strategy also d_* = strategy - plain and d_*_se (paired)
     denoise_loss.png   relative change (strategy / plain - 1) of the pixel and feature losses against t
-    metrics.json       the per-t rows under rows/..., and the relative changes averaged over the t of
-                       three noise bands: low t < N/4, mid N/4 <= t < 3N/4, high t >= 3N/4
+    metrics.json       the timesteps (loss_t), the per-t rows under rows/<variant>/t<t>, and the relative
+                       changes averaged over the t of three noise bands (low t < N/4, mid N/4 <= t < 3N/4,
+                       high t >= 3N/4; and all), each with its paired standard error (band_summary)
 
     python run.py task=denoise_loss skip.rho_bottom=0.7
     python run.py -m task=denoise_loss skip.rho_bottom=0.5,0.7,0.9 task.n_images=2000
@@ -67,6 +68,8 @@ def validate_task_cfg(cfg) -> List[int]:
                                     f"reuses features across calls: use cache=none")
     check(cfg.guidance.name == "none", "task=denoise_loss measures the network itself: use guidance=none")
     check(cfg.dataset.name != "gmm", "task=denoise_loss compares images in a feature space; dataset=gmm has none")
+    check(bool(cfg.metrics.fid), f"task=denoise_loss needs a feature network: metrics={cfg.metrics.name} has none "
+                                 f"(use metrics=default or metrics=inception)")
     return sorted(int(t) for t in ts)
 
 
@@ -87,20 +90,27 @@ def paired_rows(per_image: Dict[str, Dict[int, Dict[str, np.ndarray]]], ab: Dict
     return rows
 
 
-def band_summary(rows: List[dict], n_train: int) -> Dict[str, float]:
-    """Relative change strategy / plain - 1 of each loss, per t averaged over each noise band (and all t)."""
+def band_summary(rows: List[dict], arrays, n_train: int) -> Dict[str, float]:
+    """Relative change strategy / plain - 1 of each loss: per t (added to the strategy's rows as rel_*), and
+    averaged over the t of each noise band (and all t) as rel_<loss>/<band> with its standard error
+    rel_<loss>/<band>_se over images: image i's band value is mean_t (loss_i,t - plain_i,t) / mean_j plain_j,t,
+    so the paired per-image differences carry the error (the plain means, over all images, are taken as exact)."""
     plain = {r["t"]: r for r in rows if r["variant"] == "plain"}
-    out = {}
     for r in rows:
-        if r["variant"] == "plain":
+        if r["variant"] != "plain":
+            r.update({f"rel_{k}": r[f"d_{k}"] / plain[r["t"]][k] for k in RELATIVE})
+    out = {}
+    for variant, by_t in arrays.items():
+        if variant == "plain":
             continue
-        r.update({f"rel_{k}": r[f"d_{k}"] / plain[r["t"]][k] for k in RELATIVE})
-    others = [r for r in rows if r["variant"] != "plain"]
-    for name, lo, hi in BANDS + (("all", 0.0, 1.0),):
-        sel = [r for r in others if lo * n_train <= r["t"] < hi * n_train or (hi == 1.0 and r["t"] >= lo * n_train)]
-        for k in RELATIVE:
-            if sel:
-                out[f"rel_{k}/{name}"] = float(np.mean([r[f"rel_{k}"] for r in sel]))
+        for name, lo, hi in BANDS + (("all", 0.0, 1.0),):
+            ts = [t for t in by_t if lo * n_train <= t < hi * n_train or (hi == 1.0 and t >= lo * n_train)]
+            if not ts:
+                continue
+            for k in RELATIVE:
+                z = np.mean([(by_t[t][k] - arrays["plain"][t][k]) / plain[t][k] for t in ts], axis=0)
+                out[f"rel_{k}/{name}"] = float(z.mean())
+                out[f"rel_{k}/{name}_se"] = float(z.std(ddof=1) / math.sqrt(len(z)))
     return out
 
 
@@ -171,9 +181,9 @@ def _measure(cfg, out: Path, hashed, timesteps: List[int]) -> dict:
                 x0 = x_all[rows].to(device)
                 extra = {} if model.null_label is None else {"class_labels": y_all[rows].to(device)}
                 f0 = feature.extract(x0)[0]
-                noise = SampleNoise(int(task.seed), rows.tolist(), tuple(x0.shape[1:]), device=device)
-                for t in timesteps:    # one N(0, I) draw per image and t, in t order: the same in every run
-                    eps = noise()
+                for t in timesteps:    # eps of image i at t: its own stream (seed, i, t), whatever else is measured
+                    eps = SampleNoise(int(task.seed), rows.tolist(), tuple(x0.shape[1:]), device=device,
+                                      stream=1 + t)()
                     xt = math.sqrt(ab[t]) * x0 + math.sqrt(1.0 - ab[t]) * eps
                     for v, hook_list in variants.items():
                         setattr(adapter, hooks, list(hook_list))
@@ -190,7 +200,7 @@ def _measure(cfg, out: Path, hashed, timesteps: List[int]) -> dict:
     arrays = {v: {t: {k: torch.cat(vals).double().numpy() for k, vals in by_k.items()} for t, by_k in by_t.items()}
               for v, by_t in per_image.items()}
     rows = paired_rows(arrays, ab)
-    result = band_summary(rows, schedule.N) if len(variants) > 1 else {}
+    result = band_summary(rows, arrays, schedule.N) if len(variants) > 1 else {}
     csv_path = out / "denoise_loss.csv"
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:

@@ -176,6 +176,13 @@ def evaluate_rank(dist: Dist, cfg):
     device = dist.device if dist.world > 1 and dist.device is not None else resolve_device(cfg.device)
     shape = sample_shape(cfg)
     model = build_denoiser(cfg, device)
+    from ..identity import model_id
+
+    mid = model_id(model.backbone)
+    if cfg.metrics.fid and cfg.metrics.paired_with:   # a base made by another model pairs nothing
+        from ..metrics import check_paired_model
+
+        check_paired_model(cfg.metrics, mid)
     variance = build_variance_rule(cfg, model)
     metrics = build_metrics(cfg, device)
     n_total = int(cfg.n_samples)
@@ -195,7 +202,7 @@ def evaluate_rank(dist: Dist, cfg):
     result = {"n_samples": n, "nfe": st["nfe"], "wall_time_s": st["time"], "images_per_s": n / max(st["time"], 1e-9),
               "sampler": cfg.sampler.name, "steps": int(cfg.sampler.steps), "skip": cfg.skip.name,
               "cache": cfg.cache.name, "variance": cfg.variance.name, "device": str(device),
-              "weights": weights_of(cfg.backbone)}
+              "weights": weights_of(cfg.backbone), "model_id": mid}
     if getattr(variance, "path", None):                                  # which Gamma made the variances
         from ..metrics.classifier import file_digest
 
