@@ -396,6 +396,11 @@ def config_label(r) -> str:
                      if given("interval") else str(r["cache"]))
     if given("variance") and r["variance"] != "fixed":
         parts.append(f"variance={r['variance']}")
+    for key, plain in (("timesteps", None), ("var_type", "beta_tilde"), ("eta", None), ("clip_x0", None)):
+        v = r.get(key)
+        if given(key) and str(v) not in ("False", "0", "0.0", str(plain)) and not (key == "timesteps" and v in
+                                                                                  ("linspace", "karras")):
+            parts.append(f"{key}={v}" if key != "clip_x0" else "clip_x0")
     if given("guidance_scale") and r.get("guidance") not in (None, "none"):
         parts.append(f"w={float(r['guidance_scale']):g}" +
                      (f" in t {r['guidance_interval']}" if given("guidance_interval") else ""))
@@ -403,9 +408,13 @@ def config_label(r) -> str:
 
 
 def pareto(cost, fid) -> np.ndarray:
-    """Mask of the points no other point beats: none with cost <= and fid <, or cost < and fid <=."""
+    """Mask of the points no other point beats: none with cost <= and fid <, or cost < and fid <=. A point
+    without a finite cost is never on the front (and never beats one)."""
     cost, fid = np.asarray(cost, float), np.asarray(fid, float)
-    return np.array([not np.any(((cost <= c) & (fid < f)) | ((cost < c) & (fid <= f))) for c, f in zip(cost, fid)])
+    ok = np.isfinite(cost) & np.isfinite(fid)
+    c_, f_ = cost[ok], fid[ok]
+    return np.array([bool(o) and not np.any(((c_ <= c) & (f_ < f)) | ((c_ < c) & (f_ <= f)))
+                     for o, c, f in zip(ok, cost, fid)])
 
 
 def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
@@ -418,14 +427,20 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
         raise SystemExit(f"frontier needs the columns {', '.join(need)} (metrics=default with the cost count)")
     df = df.dropna(subset=["fid", "macs_per_sample", "macs_full"]).copy()
     df["calls_full"] = df["macs_per_sample"].astype(float) / df["macs_full"].astype(float)
-    for col, what in (("n_samples", "sample counts"), ("weights", "models")):
-        if col in df.columns and df[col].nunique() > 1:
-            print(f"note: the rows mix {what} ({', '.join(map(str, sorted(df[col].astype(str).unique())))}): "
-                  f"compare within one")
+    # FIDs of different feature networks, sample counts (FID's bias falls with n) or models never compare:
+    # one front per group, and the budgets read the largest group (the sweeps' own)
+    keys = [c for c in ("feature", "n_samples", "weights") if c in df.columns]
+    df["group"] = [" / ".join(str(r[c]) for c in keys) for _, r in df.iterrows()] if keys else ""
+    if df["group"].nunique() > 1:
+        print(f"note: {df['group'].nunique()} groups of rows ({', '.join(keys)}): one Pareto front each; the budgets "
+              f"read the largest group ({df['group'].value_counts().index[0]})\n")
     df["config"] = [config_label(r) for _, r in df.iterrows()]
     df["s_per_sample"] = df["wall_time_s"].astype(float) / df["n_samples"].astype(float)
-    df["front_macs"] = pareto(df["calls_full"], df["fid"])
-    df["front_wall"] = pareto(df["s_per_sample"], df["fid"])
+    df["front_macs"] = False
+    df["front_wall"] = False
+    for _, idx in df.groupby("group").groups.items():
+        df.loc[idx, "front_macs"] = pareto(df.loc[idx, "calls_full"], df.loc[idx, "fid"])
+        df.loc[idx, "front_wall"] = pareto(df.loc[idx, "s_per_sample"], df.loc[idx, "fid"])
     keys = ["config", "fid"] + (["fid_se"] if "fid_se" in df.columns else []) + \
         ["calls_full", "s_per_sample", "front_macs", "front_wall"]
     t = df.sort_values(["calls_full", "fid"])[keys]
@@ -435,8 +450,9 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
                                      "front_macs": "Pareto (MACs)", "front_wall": "Pareto (wall)"})))
     print()
     rows = []
+    main = df[df["group"] == df["group"].value_counts().index[0]]
     for b in budgets:
-        within = df[df["calls_full"] <= b + 1e-9]
+        within = main[main["calls_full"] <= b + 1e-9]
         if within.empty:
             rows.append({"budget (full calls)": f"<= {b}", "best config": "(none tried)"})
             continue
@@ -453,8 +469,8 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         for ax, x, front, label in ((axes[0], "calls_full", "front_macs", "MACs per sample (full-call equivalents)"),
                                     (axes[1], "s_per_sample", "front_wall", "wall seconds per sample")):
-            ax.scatter(df[x], df["fid"], s=10, color="0.6", label="tried")
-            f = df[df[front]].sort_values(x)
+            ax.scatter(main[x], main["fid"], s=10, color="0.6", label="tried")
+            f = main[main[front]].sort_values(x)
             ax.plot(f[x], f["fid"], "o-", color="C3", ms=4, label="Pareto front")
             for _, r in f.iterrows():
                 ax.annotate(r["config"], (r[x], r["fid"]), fontsize=5, xytext=(3, 3), textcoords="offset points")

@@ -133,6 +133,17 @@ def test_frontier_marks_the_pareto_front_and_the_best_per_budget(report, tmp_pat
     assert marks["ddim 10"][0] == "" and marks["ddim 20"] == ["", " |"]
     assert "| <= 5 | dpmpp 5 | 30 |" in budgets and "| <= 10 | ddim 20, deepcache N=3 | 11 |" in budgets
     assert "| <= 20 | ddim 20, deepcache N=3 | 11 |" in budgets     # heun's 30 calls are over every budget
+    # another sample count is another group with its own front (its FID would beat every row above); a row
+    # without a wall time is on no wall front
+    rows.append(dict(job="g", sampler="dpmpp", steps=50, fid=5.0, macs_per_sample=50 * full, wall_time_s=float("nan"),
+                     macs_full=full, n_samples=5000, fid_se=0.2, overrides=""))
+    for r in rows:
+        r.setdefault("n_samples", 10)
+    write_sweep(tmp_path / "s2", rows)
+    out = run(report, capsys, "frontier", str(tmp_path / "s2"))
+    assert out.startswith("note: 2 groups of rows")
+    marks = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-2:] for line in out.split("\n\n")[1].splitlines()[2:]}
+    assert marks["dpmpp 50"] == ["yes", " |"] and marks["dpmpp 5"] == ["yes", "yes |"] and marks["heun 15"] == ["yes", "yes |"]
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
