@@ -168,7 +168,7 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
     pm = (lambda v, e: f"{v:.3f} +- {e:.3f}") if law["C_se"] is not None else (lambda v, e: f"{v:.3f}")
     print(f"\nfit rho*(M) = 1 - C / M^alpha: C = {pm(law['C'], law['C_se'])}, "
           f"alpha = {pm(law['alpha'], law['alpha_se'])}"
-          f"{'' if law['C_se'] is not None else ' (two points: no uncertainty)'}, "
+          f"{'' if law['C_se'] is not None else ' (no uncertainty: two points, or a degenerate fit)'}, "
           f"RMS error = {law['rms']:.3f}, max |error| = {law['max_err']:.3f}")
 
 
@@ -361,6 +361,8 @@ def denoise_table(df: pd.DataFrame):
             continue
         rows, strategy = m["rows"], m["variants"][1]
         label = f"rho_bottom={m['rho_bottom']:g}" if "rho_bottom" in m else strategy
+        if any(label in cols for by_t in per.values() for cols in by_t.values()):
+            raise SystemExit(f"denoise: two runs are both {label} ({r['job_dir']}); give one folder per setting")
         for t in m["loss_t"]:
             plain, s = rows[f"plain/t{t}"], rows[f"{strategy}/t{t}"]
             for k in ("pixel_eps", "feature"):
@@ -370,7 +372,7 @@ def denoise_table(df: pd.DataFrame):
         raise SystemExit("denoise: no task=denoise_loss run with a skip strategy among these folders")
     for k, what in (("pixel_eps", "pixel (eps) loss"), ("feature", "feature loss")):
         t = pd.DataFrame.from_dict(per[k], orient="index").sort_index()
-        t = t[sorted(t.columns, key=lambda c: (len(c), c))]
+        t = t[sorted(t.columns, key=lambda c: (0, float(c.split("=")[1]), "") if c.startswith("rho_bottom=") else (1, 0.0, c))]
         t.index.name = "t"
         print(f"{what}, % change vs the plain network (paired s.e.):\n")
         print(markdown(t.reset_index()))
