@@ -139,3 +139,47 @@ def test_sde_skip_norms_mechanism_nll_and_convergence_rows(table, tmp_path):
     sweep(tmp_path / "conv", "skip_dpmpp", skip_rows({10: 0.7}))
     _, _, measured, verdict = table.row_convergence(tmp_path / "conv", tmp_path / "early")
     assert verdict.startswith("reproduced") and "early 1 (no significant gain), converged 0.7" in measured
+
+
+def sweep_commands():
+    """The run.py commands experiments/claims/sweeps.sh would run (DRY=1), each as its list of overrides."""
+    import os
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "experiments/claims/sweeps.sh")], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, DRY="1", MODEL="checkpoints/fashion_mnist/unet", TAG="t")).stdout
+    return [shlex.split(line)[1:] for line in out.splitlines() if line.startswith("run.py")]
+
+
+def split_sweep(value: str) -> list:
+    """A Hydra sweep value a,b,c -> [a, b, c]; a list [a,b] or an interpolation stays whole."""
+    if value.startswith("[") or "${" in value:
+        return [value]
+    return value.split(",")
+
+
+def test_every_claims_sweep_composes_and_validates():
+    """Each job of the claims sweeps (the first and last value of every swept option) is a config run.py
+    accepts: no key the YAML lacks, no value the validators refuse. Paths made by earlier sweeps are left out."""
+    import itertools
+
+    from conftest import compose_cfg
+    from fewstep.tasks import SAMPLING_TASKS, validate
+
+    commands = sweep_commands()
+    assert len(commands) >= 30 and all(c[0] in ("-m", "task=gamma") for c in commands)
+    n = 0
+    for args in commands:
+        args = [a for a in args if a != "-m" and not a.startswith(("hydra.", "metrics.paired_with=", "resume="))]
+        choices = []
+        for a in args:
+            key, _, value = a.partition("=")
+            values = split_sweep(value)
+            choices.append([f"{key}={v}" for v in dict.fromkeys([values[0], values[-1]])])
+        for overrides in itertools.product(*choices):
+            cfg = compose_cfg(list(overrides) + ["logger=none"])
+            if cfg.task.name in SAMPLING_TASKS:
+                validate(cfg)
+            n += 1
+    assert n >= 60

@@ -5,6 +5,7 @@
 #   MODEL=checkpoints/fashion_mnist/unet TAG=converged bash experiments/claims/sweeps.sh   # every group (hours)
 #   ONLY='skip_|rho_m' bash experiments/claims/sweeps.sh      # the groups whose name matches the regex
 #   PART=0/2 bash experiments/claims/sweeps.sh & PART=1/2 bash experiments/claims/sweeps.sh   # two processes
+#   DRY=1 MODEL=m TAG=t bash experiments/claims/sweeps.sh     # print each sweep's overrides, run nothing
 #
 # Each group runs its sweeps with resume=true into multirun/claims/<tag>/<sweep> (a job whose metrics.json
 # was made by the same config is skipped, so a killed run continues where it stopped) and archives each
@@ -37,6 +38,7 @@ run() {   # run <sweep> <overrides...>: one multirun into $RUNS/<sweep>, then it
   local name=$1; shift
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline HF_HUB_OFFLINE=1
   echo "== $RUNS/$name: $*"
+  if [[ -n "${DRY:-}" ]]; then printf 'run.py -m'; printf ' %q' "$@"; printf '\n'; return; fi
   # the model and the base folder are the same for every job of a sweep: left out of the job folder names
   # (a / in them would nest the folders); the resolved config and metrics.json keep them
   "$PY" run.py -m logger=none resume=true "backbone.pretrained=$MODEL" "hydra.sweep.dir=$RUNS/$name" \
@@ -79,6 +81,7 @@ group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-unifo
 }
 
 gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept);
+  if [[ -n "${DRY:-}" ]]; then echo "run.py task=gamma task.M=1000 task.timesteps=20"; return; fi
   mkdir -p "$RUNS"  # a lock, so that two PARTs never estimate it at the same time
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} flock "$RUNS/gamma.lock" "$PY" run.py task=gamma logger=none \
     "backbone.pretrained=$MODEL" task.M=1000 task.timesteps=20
