@@ -403,6 +403,8 @@ def row_convergence(root, early):
             differs += gain[0] != gain[1]
             parts.append(f"{label} {int(m)}: early {a[m][0]:g}{'' if gain[0] else ' (no significant gain)'}, "
                          f"converged {b[m][0]:g}{'' if gain[1] else ' (no significant gain)'}")
+    if not n:
+        raise Missing("skip_dpmpp / skip_ddim on both models")
     return ("Skip-Tuning's ODE result depends on how converged the model is (the 1000-step model reversed it)",
             "(this project's question)", "best rho_bottom: " + "; ".join(parts),
             verdict_counts(differs, 0, n) + " (rule: a significant gain from rho < 1 on one model and not the other)")
