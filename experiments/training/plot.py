@@ -1,6 +1,6 @@
 """The training curves of the long runs: fast FID (with its standard error) against total training step, one
-line per progress log; the class-conditional run also shows its class accuracy. The 5000-sample FIDs of
-saved exports (archived runs under experiments/data/training_n5000/s<total step>_<sampler><NFE>/, made by
+line per progress log; the class-conditional run also shows its class accuracy. The larger-sample FIDs of
+saved exports (archived runs under experiments/data/training_evals/s<total step>_<sampler><NFE>[_n<samples>]/, made by
 the command in experiments/training/README.md) are drawn over them, one marker per sampler setting.
 
     python experiments/training/plot.py     # reads experiments/training/*.csv, writes experiments/figures/training.png
@@ -25,7 +25,7 @@ def read(path: Path) -> list:
 def full_evals() -> dict:
     """{label: [(total step, fid, fid_se)]} from the archived 5000-sample runs (folder s<step>_<label>)."""
     out = {}
-    for m in sorted((HERE.parent / "data" / "training_n5000").glob("s*_*/metrics.json")):
+    for m in sorted((HERE.parent / "data" / "training_evals").glob("s*_*/metrics.json")):
         hit = re.fullmatch(r"s(\d+)_(.+)", m.parent.name)
         if hit:
             r = json.loads(m.read_text())
@@ -58,8 +58,9 @@ def main() -> None:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="s", ms=5, capsize=2,
                     ls="--", label=f"unet, {label}, {pts[0][3]} samples")
         print(f"{label} ({pts[0][3]} samples): " + ", ".join(f"step {p[0]}: FID {p[1]:.2f} +- {p[2]:.2f}" for p in pts))
+    ax.set_yscale("log")      # the U-ViT starts from random weights (FID ~700), the UNets end near 5-15
     ax.set_xlabel("total training step")
-    ax.set_ylabel("FID (classifier features)")
+    ax.set_ylabel("FID (classifier features, log scale)")
     ax.legend(fontsize=7)
     ax2.set_xlabel("total training step")
     ax2.set_ylabel("class accuracy of conditional samples")
