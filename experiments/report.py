@@ -87,18 +87,17 @@ def load(dirs) -> pd.DataFrame:
     def override(key):
         return ov.map(lambda s: next((o.split("=", 1)[1] for o in s.split() if o.lstrip("+").startswith(key + "=")), None))
 
+    # columns older summaries lack, filled from their overrides: <override key> -> its last part, unless named
+    named = {"guidance.interval": "guidance_interval", "sampler.scheduler": "scheduler"}
     for key in ("skip.rho_bottom", "skip.rho_top", "sampler.order", "cache.interval", "cache.schedule",
                 "cache.branch", "sampler.var_type", "variance", "sampler.timesteps", "sampler.eta", "sampler.endpoint",
-                "skip.name", "sampler.lower_order_final"):
-        col = key.split(".")[-1]
+                "skip.name", "sampler.lower_order_final", "guidance.interval", "sampler.scheduler"):
+        col = named.get(key, key.split(".")[-1])
         if col not in df.columns:
             df[col] = override(key)
-        else:                                   # older summaries lack the column: fill from their overrides
+        else:
             df[col] = df[col].where(df[col].notna(), override(key))
-    if "guidance_interval" in df.columns:       # runs made before metrics.json recorded it: from the overrides
-        df["guidance_interval"] = df["guidance_interval"].where(df["guidance_interval"].notna(), override("guidance.interval"))
-    elif ov.str.contains("guidance.interval=", regex=False).any():
-        df["guidance_interval"] = override("guidance.interval")
+
     def fill_from_config(col, lookup):
         """Fill the gaps of a column with lookup(job_dir), read from each job's resolved config."""
         df[col] = [v if not pd.isna(v) else lookup(j) for v, j in zip(df[col].astype(object), df["job_dir"])]
@@ -114,8 +113,6 @@ def load(dirs) -> pd.DataFrame:
         parts = [[f"order {o}"] if isinstance(o, str) else [] for o in df["order"]]
         parts = [p + (["lower_order_final=always"] if lof == "always" else []) for p, lof in
                  zip(parts, df["lower_order_final"])]
-        if "scheduler" not in df.columns:      # runs made before metrics.json named it: from the overrides
-            df["scheduler"] = override("sampler.scheduler")
         df["scheduler"] = [s if not pd.isna(s) else (job_cfg(j, "sampler").get("scheduler") if n == "diffusers" else None)
                            for s, n, j in zip(df["scheduler"].astype(object), df["sampler"], df["job_dir"])]
         # diffusers: the scheduler's name (UniPCMultistepScheduler -> diffusers UniPCMultistep)

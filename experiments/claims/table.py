@@ -51,6 +51,12 @@ def sig(d, se, z: float = Z) -> int:
     return -1 if d < -z * se else 1 if d > z * se else 0
 
 
+def contrast(a: float, a_se: float, b: float, b_se: float):
+    """a - b with the s.e. of independent estimates, hypot(a_se, b_se): for two differences paired with one base
+    (positively correlated through it) an upper bound, for unpaired FIDs exact."""
+    return float(a) - float(b), math.hypot(float(a_se), float(b_se))
+
+
 def z_best_of(k: int) -> float:
     """The two-sided 5% bound for the best of k tests (Bonferroni): 1.96 for k = 1, 2.81 for k = 10."""
     from scipy.stats import norm
@@ -238,8 +244,8 @@ def row_deepcache_nonuniform(root):
         g = df[df["N"] == N].set_index("schedule")
         if not {"uniform", "nonuniform"} <= set(g.index):
             continue
-        d = float(g.loc["nonuniform", "fid_diff"]) - float(g.loc["uniform", "fid_diff"])
-        se = math.hypot(float(g.loc["nonuniform", "fid_diff_se"]), float(g.loc["uniform", "fid_diff_se"]))  # conservative
+        d, se = contrast(g.loc["nonuniform", "fid_diff"], g.loc["nonuniform", "fid_diff_se"],
+                         g.loc["uniform", "fid_diff"], g.loc["uniform", "fid_diff_se"])
         n += 1
         n_for += sig(d, se) < 0
         n_against += sig(d, se) > 0
@@ -279,7 +285,7 @@ def row_analytic_nll(root):
             continue
         fb = f.loc[f["nll_bpd"].astype(float).idxmin()]
         a, a_se = float(g["nll_bpd"].iloc[0]), float(g["nll_bpd_se"].iloc[0])
-        d, se = a - float(fb["nll_bpd"]), math.hypot(a_se, float(fb["nll_bpd_se"]))   # unpaired: conservative
+        d, se = contrast(a, a_se, fb["nll_bpd"], fb["nll_bpd_se"])
         n_for += sig(d, se) < 0
         n_against += sig(d, se) > 0
         parts.append(f"K={int(k)}: {a:.3f} vs {float(fb['nll_bpd']):.3f} ({pm(d, se)})")
@@ -311,8 +317,7 @@ def row_trajectory(root):
         m = lin[(lin["sampler"] == s) & (lin["steps"] == k)]
         if m.empty:
             continue
-        d = float(g["fid_diff"].iloc[0]) - float(m["fid_diff"].iloc[0])
-        se = math.hypot(float(g["fid_diff_se"].iloc[0]), float(m["fid_diff_se"].iloc[0]))
+        d, se = contrast(g["fid_diff"].iloc[0], g["fid_diff_se"].iloc[0], m["fid_diff"].iloc[0], m["fid_diff_se"].iloc[0])
         n_for += sig(d, se) < 0
         n_against += sig(d, se) > 0
         parts.append(f"{s.upper()} K={int(k)}: {pm(d, se)}")
@@ -348,8 +353,7 @@ def row_guidance(root, dirs):
         if paired:
             d, se = float(r["fid_diff"]), float(r["fid_diff_se"])
         else:
-            d = float(r["fid"]) - float(every.loc[w, "fid"])
-            se = math.hypot(float(r["fid_se"]), float(every.loc[w, "fid_se"]))
+            d, se = contrast(r["fid"], r["fid_se"], every.loc[w, "fid"], every.loc[w, "fid_se"])
         diffs.append(f"w={w:g}: {pm(d, se)}")
         n_for += sig(d, se) < 0
         n_against += sig(d, se) > 0

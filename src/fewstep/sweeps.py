@@ -28,7 +28,8 @@ def collect_summary(sweep_dir: Path, jobs: Optional[List[str]] = None) -> List[D
     sweep_dir = Path(sweep_dir)
     if jobs is None:
         found = [f.parent for f in sweep_dir.rglob(METRICS_FILE) if "wandb" not in f.relative_to(sweep_dir).parts]
-        folders = sorted(found, key=lambda p: (len(p.relative_to(sweep_dir).as_posix()), p.relative_to(sweep_dir).as_posix()))
+        name = {p: p.relative_to(sweep_dir).as_posix() for p in found}
+        folders = sorted(found, key=lambda p: (len(name[p]), name[p]))
     else:
         folders = [sweep_dir / j for j in dict.fromkeys(jobs)]
     rows = []

@@ -69,12 +69,23 @@ def check_metrics_cfg(cfg_metrics) -> None:
         raise ValueError(f"metrics.ref_split must be train or test, got {cfg_metrics.ref_split}")
 
 
-def paired_features_file(path) -> "Path":
+def paired_features_file(path) -> Path:
     """metrics.paired_with -> the features.npz it names (a run folder or the file itself)."""
-    from pathlib import Path
-
     p = Path(str(path)).expanduser()
     return p / "features.npz" if p.is_dir() else p
+
+
+def same_ref_stats(base_ref, ours: Path, ours_digest: str | None = None) -> bool:
+    """Whether the reference statistics a base run was scored against (the path its features.npz records) are
+    this run's: the same file, or a file of the same content (ours_digest: ours' file_digest, if known)."""
+    if base_ref is None:
+        return False
+    base_ref = Path(str(base_ref))
+    if base_ref.resolve() == Path(ours).resolve():
+        return True
+    if not base_ref.is_file() or (ours_digest is None and not Path(ours).is_file()):
+        return False
+    return file_digest(base_ref) == (ours_digest or file_digest(ours))
 
 
 def check_paired_model(cfg_metrics, model_id: str) -> None:
@@ -105,17 +116,14 @@ def check_paired_with(cfg_metrics, cfg_dataset, n_samples: int, seed: int) -> No
     try:
         with np.load(f, allow_pickle=False) as z:
             rows = z["features"].shape[0]
+            base_ref = str(z["ref_stats"]) if "ref_stats" in z else None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise ValueError(f"metrics.paired_with: {f} is not a features.npz of task=evaluate ({type(e).__name__})") from None
     if rows != n_samples:
         raise ValueError(f"metrics.paired_with: {f} holds {rows} samples, this run makes {n_samples}: paired runs "
                          f"share their sample indices")
-    with np.load(f, allow_pickle=False) as z:
-        base_ref = Path(str(z["ref_stats"])) if "ref_stats" in z else None
     ours = ref_stats_path(cfg_metrics, cfg_dataset, cfg_metrics.feature)
-    same = base_ref is not None and (base_ref.resolve() == ours.resolve() or (
-        base_ref.is_file() and ours.is_file() and file_digest(base_ref) == file_digest(ours)))
-    if not same:
+    if not same_ref_stats(base_ref, ours):
         raise ValueError(f"metrics.paired_with: the base run was scored against {base_ref}, this run will be against "
                          f"{ours}: paired FIDs need the same reference statistics")
     base_cfg = f.parent / ".hydra" / "config.yaml"
@@ -257,8 +265,7 @@ class Metrics:
         f = paired_features_file(self.paired_with)
         with np.load(f, allow_pickle=False) as z:
             base, base_ref = torch.from_numpy(z["features"].astype(np.float32)), str(z["ref_stats"])
-        if Path(base_ref).resolve() != self.ref_path.resolve() and not (
-                Path(base_ref).is_file() and file_digest(base_ref) == self.ref_digest):
+        if not same_ref_stats(base_ref, self.ref_path, self.ref_digest):
             raise ValueError(f"metrics.paired_with: the base run was scored against {base_ref}, this run against "
                              f"{self.ref_path}: paired FIDs need the same reference statistics")
         if feats is None or len(feats) != n_fake:

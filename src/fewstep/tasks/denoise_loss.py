@@ -73,6 +73,11 @@ def validate_task_cfg(cfg) -> List[int]:
     return sorted(int(t) for t in ts)
 
 
+def mean_se(v: np.ndarray):
+    """The mean of per-image values and its standard error over images."""
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+
+
 def paired_rows(per_image: Dict[str, Dict[int, Dict[str, np.ndarray]]], ab: Dict[int, float]) -> List[dict]:
     """The csv rows from per-image losses per_image[variant][t][loss] (arrays over the same images):
     means and standard errors, and for variants other than "plain" the paired difference to it."""
@@ -82,10 +87,9 @@ def paired_rows(per_image: Dict[str, Dict[int, Dict[str, np.ndarray]]], ab: Dict
             row = {"variant": variant, "t": t, "ab": ab[t]}
             for k in LOSSES:
                 v = losses[k]
-                row[k], row[f"{k}_se"] = float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+                row[k], row[f"{k}_se"] = mean_se(v)
                 if variant != "plain":
-                    d = v - per_image["plain"][t][k]
-                    row[f"d_{k}"], row[f"d_{k}_se"] = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+                    row[f"d_{k}"], row[f"d_{k}_se"] = mean_se(v - per_image["plain"][t][k])
             rows.append(row)
     return rows
 
@@ -109,8 +113,7 @@ def band_summary(rows: List[dict], arrays, n_train: int) -> Dict[str, float]:
                 continue
             for k in RELATIVE:
                 z = np.mean([(by_t[t][k] - arrays["plain"][t][k]) / plain[t][k] for t in ts], axis=0)
-                out[f"rel_{k}/{name}"] = float(z.mean())
-                out[f"rel_{k}/{name}_se"] = float(z.std(ddof=1) / math.sqrt(len(z)))
+                out[f"rel_{k}/{name}"], out[f"rel_{k}/{name}_se"] = mean_se(z)
     return out
 
 
