@@ -383,5 +383,5 @@ def test_paired_with_records_the_paired_fid_difference_to_a_base_run(tmp_path, m
     monkeypatch.chdir(other)
     with pytest.raises(SystemExit) as e:
         dispatch(compose_cfg(common + [f"metrics.paired_with={tmp_path / 'base'}",
-                                       f"backbone.pretrained={ROOT / 'checkpoints/training/fashion_mnist/unet'}"]))
+                                       f"backbone.pretrained={ROOT / 'checkpoints/fashion_mnist_early/unet'}"]))
     assert e.value.code == 2 and not (other / "metrics.json").exists()

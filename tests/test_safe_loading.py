@@ -22,7 +22,7 @@ from fewstep.strategies.variance import (GammaStats, build_variance, estimate_ga
                                          load_gamma, model_id, save_gamma)
 
 SHIPPED = REPO / "checkpoints" / "fashion_mnist" / "unet"
-SHIPPED_GAMMA = SHIPPED / "gamma_3f58fbd49b78d2bc_fashion_mnist_M200.safetensors"
+SHIPPED_GAMMA = SHIPPED / "gamma_1c51947559dab976_fashion_mnist_M1000.safetensors"
 
 
 class Evil:
@@ -143,8 +143,8 @@ def test_shipped_gamma_is_safetensors_and_belongs_to_the_shipped_model():
     assert SHIPPED_GAMMA.exists() and not list(SHIPPED.glob("gamma_*.pt"))
     unet = load_pretrained(str(SHIPPED))
     g = load_gamma(SHIPPED_GAMMA, model_id(unet), NoiseSchedule.from_config("linear", 1000))
-    assert g["M"] == 200 and len(g["gamma"]) == 51 and g["timesteps"][:3].tolist() == [0, 20, 40]
-    assert g["stats"]["count"] == 200 and np.allclose(GammaStats.from_state_dict(g["stats"]).gamma, g["gamma"].numpy())
+    assert g["M"] == 1000 and len(g["gamma"]) == 51 and g["timesteps"][:3].tolist() == [0, 20, 40]
+    assert g["stats"]["count"] == 1000 and np.allclose(GammaStats.from_state_dict(g["stats"]).gamma, g["gamma"].numpy())
     assert find_gamma(model_id(unet), [SHIPPED], "fashion_mnist") == SHIPPED_GAMMA
 
 
@@ -157,7 +157,7 @@ def test_cli_refuses_a_pickled_gamma_in_the_pretrained_folder(tmp_path, monkeypa
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (folder / name).symlink_to(SHIPPED / name)
     marker = tmp_path / "ran"
-    torch_pickle(folder / "gamma_3f58fbd49b78d2bc_fashion_mnist_M200.pt", marker)
+    torch_pickle(folder / SHIPPED_GAMMA.with_suffix(".pt").name, marker)   # the name find_gamma looks for
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(["sampler=ddpm", "variance=analytic", f"backbone.pretrained={folder}", "device=cpu",
                        "logger=none", "metrics=cost", "n_samples=2", "batch_size=2"])

@@ -124,9 +124,9 @@ group_guidance() {  # the class-conditional model: guidance everywhere, then onl
     "metrics.paired_with=$RUNS/guidance_base/w\${guidance.scale}"
 }
 
-group_headline() {  # 5000 samples: the targets and the frontier's anchors
-  run headline "n_samples=$N_HEAD" sampler=dpmpp sampler.steps=5,10,20,50,100
+group_headline() {  # 5000 samples: the targets (first) and the frontier's anchors
   run headline_ddpm "n_samples=$N_HEAD" sampler=ddpm sampler.steps=100
+  run headline "n_samples=$N_HEAD" sampler=dpmpp sampler.steps=100,50,20,10,5
   run headline_inception "n_samples=$N_HEAD" metrics=inception sampler=dpmpp sampler.steps=10,20,50
 }
 
