@@ -57,6 +57,21 @@ def test_tune_lowers_objective_and_skip_learned_reproduces_it(tmp_path):
     assert torch.equal(x_tuned, x_learned)                          # and exactly the same samples
 
 
+def test_a_tuning_that_ends_worse_than_it_started_says_so(tmp_path, capsys, monkeypatch):
+    """Steps that climb the objective (Adam with maximize=True stands in for noisy minibatch steps that
+    overshoot): it ends above its start, metrics.json says improved = false and one warning line says
+    what to change; the same tuning descending says improved = true and warns nothing."""
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: adam(params, lr=lr, maximize=True))
+    result, _ = tune(tmp_path)
+    assert result["train_loss_final"] > result["train_loss_init"] and result["improved"] is False
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fewstep: warning: task=tune_rho")]
+    assert len(warnings) == 1 and "scores worse on its own training noise than the start (650" in warnings[0]
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    good, _ = tune(tmp_path, name="good")
+    assert good["improved"] is True and "warning: task=tune_rho" not in capsys.readouterr().err
+
+
 def test_per_step_rho_table_and_teacher_cache(tmp_path, monkeypatch):
     import fewstep.tasks.tune_rho as tr
 
@@ -127,14 +142,17 @@ def test_skip_learned_refuses_bad_files(tmp_path):
     assert model.backbone.skip_hooks[0].scales == [0.8999999761581421] * 4   # float32 0.9, exactly
 
 
-def test_shipped_rho_file_loads_on_the_shipped_model():
-    """checkpoints/fashion_mnist/rho_dpmpp10.yaml: one scale per skip of the shipped UNet, keyed to its model id."""
+@pytest.mark.parametrize("folder", ["fashion_mnist", "fashion_mnist_early"])
+def test_shipped_rho_file_loads_on_the_shipped_model(folder):
+    """checkpoints/<folder>/rho_dpmpp10.yaml: one scale per skip of that folder's UNet, keyed to its model id
+    (skip.check_model is on: a file of the other model would stop the build)."""
     from fewstep.build import build_denoiser
     from fewstep.strategies.skip import load_learned
 
-    path = str(REPO / "checkpoints/fashion_mnist/rho_dpmpp10.yaml")
+    path = str(REPO / f"checkpoints/{folder}/rho_dpmpp10.yaml")
     data = load_learned(path)
-    cfg = compose_cfg(["skip=learned", f"skip.path={path}", "logger=none"])
+    cfg = compose_cfg(["skip=learned", f"skip.path={path}", "logger=none",
+                       f"backbone.pretrained={REPO / 'checkpoints' / folder / 'unet'}"])
     model = build_denoiser(cfg, torch.device("cpu"))
     (hook,) = model.backbone.skip_hooks
     assert len(hook.scales) == data["num_skips"] == 9

@@ -404,6 +404,13 @@ def fit(cfg, out: Path, hashed=None):
         tuner.to(device)
         after = {f"{k}_loss_final": tuner.objective_on(v) for k, v in eval_sets.items()}
         print(f"[tune_rho] after {trainer.global_step} steps: " + ", ".join(f"{k}={v:.5g}" for k, v in after.items()))
+        improved = after["train_loss_final"] < before["train_loss_init"]
+        if not improved:   # Adam's steps are noisy minibatch steps: they can end above where they started
+            from ..build import warn
+
+            warn(f"task=tune_rho: the learned rho scores worse on its own training noise than the start "
+                 f"({after['train_loss_final']:.5g} vs {before['train_loss_init']:.5g}); lower task.lr, raise "
+                 f"task.batch_size or task.max_steps")
         rho = tuner.rho().detach().cpu()
         rho_path = Path(str(t.out)) if t.out else out / "rho.yaml"
         meta = dict(model_id=mid, num_skips=len(levels), levels=levels, objective=str(t.objective),
@@ -413,7 +420,7 @@ def fit(cfg, out: Path, hashed=None):
         write_history(out / "loss.csv", tuner.history)
         plot_rho(out / "rho.png", rho, levels, table_t)
         result = dict(objective=str(t.objective), steps=int(trainer.global_step), rho_path=str(rho_path),
-                      per_step=table_t is not None, **before, **after,
+                      per_step=table_t is not None, improved=improved, **before, **after,
                       **{k: v for k, v in tuner.rho_logs().items()})
         if table_t is None:
             result["rho"] = [float(v) for v in rho.tolist()]
