@@ -109,9 +109,10 @@ def no_model_building(monkeypatch):
                 monkeypatch.setattr(mod, name, boom)
 
 
-def assert_one_line_error(cfg, out, capsys, words: str) -> None:
+def assert_one_line_error(cfg, out, capsys, words: str, sampling_started: bool = False) -> None:
     """dispatch(cfg) run in the empty folder `out` (the cwd) stops with exit 2 and exactly one line
-    `fewstep: error: ...` containing `words`, no traceback and no metrics.json."""
+    `fewstep: error: ...` containing `words`, no traceback and no metrics.json; unless sampling_started (an
+    error only sampling can find), before sampling began (no sampling progress on stderr)."""
     from fewstep.tasks import dispatch
 
     capsys.readouterr()
@@ -122,6 +123,7 @@ def assert_one_line_error(cfg, out, capsys, words: str) -> None:
     lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
     assert len(lines) == 1 and lines[0].startswith("fewstep: error: ") and words in lines[0], err[-2000:]
     assert "Traceback" not in err
+    assert ("sampling:" in err) == sampling_started, err[-2000:]
     assert not list(out.rglob("metrics.json*"))
 
 

@@ -40,6 +40,13 @@ def renamed_ref_stats(tmp):
     return [f"metrics.ref_stats_dir={d}", f"metrics.classifier_dir={SHIPPED / 'classifier'}", "dataset=mnist5k"]
 
 
+def renamed_split_stats(tmp):
+    d = tmp / "ref"
+    d.mkdir()
+    shutil.copy(SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz", d / "fashion_mnist-test-classifier-all.npz")
+    return [f"metrics.ref_stats_dir={d}", "metrics.ref_split=test"]
+
+
 def paired_base(tmp, rows=20, seed=0, ref=SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz"):
     """A base run folder for metrics.paired_with: features.npz with `rows` rows scored against `ref`, its config
     with `seed`."""
@@ -78,6 +85,9 @@ CASES = [
        f"sampler={s} has none to set", True) for s in ("dpmpp", "euler", "heun", "diffusers")],
     ("ref_stats_of_another_dataset", renamed_ref_stats, "are of dataset 'fashion_mnist', this run needs 'mnist5k'",
      False),
+    ("ref_stats_of_another_split", renamed_split_stats, "are of split 'train', this run needs 'test'", False),
+    ("train_infinite_lr", lambda t: ["task=train", "task.lr=inf"], "task.lr must be a finite number", True),
+    ("gamma_negative_seed", lambda t: ["task=gamma", "seed=-1"], "seed must be an integer", True),
     ("image_metrics_on_gmm", lambda t: ["dataset=gmm", "backbone=gmm_exact", "metrics=classifier"],
      "dataset=gmm takes metrics=gmm", True),
     ("denoise_loss_timestep_above_N", lambda t: ["task=denoise_loss", "task.timesteps=[100,1000]"],
@@ -105,7 +115,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys, r
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
-    assert_one_line_error(cfg, out, capsys, words)
+    assert_one_line_error(cfg, out, capsys, words, sampling_started=case[0] == "diverging_samples")
 
 
 def test_gmm_with_the_default_metrics_runs(tmp_path, monkeypatch):

@@ -247,6 +247,24 @@ def test_teacher_cache_refused_and_round_trip(tmp_path, monkeypatch, capsys):
     assert f"not reading {legacy}" in capsys.readouterr().out and cache.exists() and not marker.exists()
 
 
+def test_training_resume_refuses_a_crafted_checkpoint(tmp_path, monkeypatch, capsys):
+    """task=train resumes from <run_dir>/ckpts/last.ckpt: a crafted pickle there is refused in one line, exit
+    2, before any model or data is built, and its payload never runs (a genuine checkpoint resumes:
+    test_train::test_train_task_exports_a_loadable_model_and_resumes)."""
+    from conftest import assert_one_line_error
+
+    run = tmp_path / "run"
+    (run / "ckpts").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch_pickle(run / "ckpts" / "last.ckpt", marker)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    cfg = compose_cfg(TINY_OVERRIDES + ["task=train", f"task.run_dir={run}", "task.max_steps=1", "logger=none"])
+    assert_one_line_error(cfg, out, capsys, "is not a plain checkpoint")
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------- CIFAR-10 batches
 
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]

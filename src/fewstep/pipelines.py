@@ -175,11 +175,8 @@ def load_pipeline(cfg_backbone, device="cpu"):
     """(UNet2DConditionModel, LatentPipeline) from backbone.pretrained, in backbone.dtype, checked
     against backbone.schedule / parameterization. Any unreadable part is one ConfigError line."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-    except ImportError:
-        raise ConfigError("backbone=sd_unet needs the transformers package (pip install transformers)") from None
     pretrained = str(cfg_backbone.pretrained)
     path = pipeline_folder(pretrained)
     check_pipeline_folder(path, pretrained)

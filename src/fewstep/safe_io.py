@@ -41,6 +41,25 @@ def is_pickle(path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
+def check_plain_checkpoint(path) -> None:
+    """Refuse (UnsafeFile, one line) a torch.save file that `torch.load(weights_only=True)` cannot read: a
+    training checkpoint holds tensors, numbers, strings and containers only, so one that names any other
+    object (a class, a function to call) is a crafted or foreign file and is never unpickled. The file is
+    read once here, before Lightning loads it, whatever weights_only default the installed versions use."""
+    import pickle
+
+    path = Path(path)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnsafeFile(f"{path} is not a plain checkpoint (tensors and containers only), so it is not "
+                         f"loaded: unpickling it could run code ({first[:160]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UnsafeFile(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+
+
 def save_tensors(path, tensors: Dict[str, torch.Tensor], kind: str, meta: dict) -> Path:
     """Write tensors + JSON metadata as one safetensors file, atomically (`fileio.write_bytes_atomic`).
 

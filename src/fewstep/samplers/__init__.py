@@ -37,13 +37,11 @@ __all__ = ["SAMPLERS", "VARIANCE_SAMPLERS", "sample", "planned_nfe", "names_anal
 
 
 def _kwargs(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
     kw = cfg.kwargs or {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(kw, DictConfig):
-            kw = OmegaConf.to_container(kw, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(kw, DictConfig):
+        kw = OmegaConf.to_container(kw, resolve=True)
     return dict(kw)
 
 

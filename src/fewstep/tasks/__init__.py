@@ -40,6 +40,15 @@ def check_finite_options(node, prefix: str = "") -> None:
             check(False, f"{key.rstrip('.')} must be a finite number (got {v})")
 
 
+def check_options(cfg) -> None:
+    """The checks every task shares, sampling or not: every number finite (hydra's own node aside) and the
+    seed a non-negative 64-bit integer."""
+    check_finite_options(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
+    seed = cfg.seed
+    check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63,
+          f"seed must be an integer in 0..2^63-1 (got {seed!r})")
+
+
 def image_metrics(cfg) -> bool:
     """Whether the run computes feature metrics (FID, P/R, IS). metrics=default is the dataset's default:
     the feature metrics for images, the exact mixture checks (metrics=gmm) for dataset=gmm, where an
@@ -79,12 +88,10 @@ def validate(cfg) -> None:
     The one place where the groups' validators run (sampler, trainer, metrics, skip, guidance, variance,
     cache), once per run and before any work: the builders take the validated config as it is. Keys are
     read strictly: every default is in conf/ (a key the YAML lacks raises, it never defaults)."""
-    check_finite_options(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
+    check_options(cfg)
     n = _whole(cfg, "n_samples", 1)
     _whole(cfg, "batch_size", 1)
     seed = cfg.seed
-    check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 63,
-          f"seed must be an integer in 0..2^63-1 (got {seed!r})")
     m = cfg.metrics
     if image_metrics(cfg):
         from ..metrics import check_metrics_cfg, min_samples
@@ -187,6 +194,7 @@ def dispatch(cfg):
         else:   # a pipeline folder and a prompt file only sample: no training, no Gamma over data images
             from ..pipelines import check_text_task
 
+            check_options(cfg)
             check_text_task(cfg)
     except ValueError as e:
         fail(str(e))

@@ -347,6 +347,10 @@ def run(cfg) -> dict:
     ckpt_dir = out / "ckpts"
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if (t.resume and last.exists()) else None
+    if ckpt_path:   # read safely before anything starts and before Lightning unpickles it (one line, exit 2)
+        from ..safe_io import check_plain_checkpoint
+
+        check_plain_checkpoint(last)
     steps_before = init_state(t, out, resuming=ckpt_path is not None)
     if t.init_from and not ckpt_path:  # a fresh optimizer on exported weights (the EMA restarts from them too)
         with user_errors("task.init_from: "):
