@@ -82,6 +82,13 @@ def test_the_hash_ignores_only_what_cannot_change_a_result():
         assert config_hash(compose_cfg([*GMM, "sampler.steps=3", *same])) == base, same
     for other in (["sampler.steps=4"], ["seed=1"], ["n_samples=201"], ["save_samples=true"]):
         assert config_hash(compose_cfg([*GMM, "sampler.steps=3", *other])) != base, other
+    # task=tune_rho: where its rho file and teacher cache go is not what they hold
+    tune = ["task=tune_rho", "sampler=dpmpp", "sampler.steps=3"]
+    base = config_hash(compose_cfg(tune))
+    for same in (["task.out=a/rho.yaml"], ["task.cache_dir=/elsewhere"], ["task.teacher_cache=false"]):
+        assert config_hash(compose_cfg([*tune, *same])) == base, same
+    for other in (["task.lr=0.02"], ["task.n_train=8"]):
+        assert config_hash(compose_cfg([*tune, *other])) != base, other
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -65,6 +65,9 @@ RESULT_FILES = (METRICS_FILE, RESULT_CONFIG_FILE, "metrics.csv", "samples.png", 
                 "nll_bpd.npz")
 # top-level config keys that cannot change a result: left out of the config hash
 HASH_IGNORED = ("resume", "logger", "tags", "hydra")
+# task keys that name where outputs and caches go (task=tune_rho's rho file and teacher cache), not what
+# they hold: left out too
+HASH_IGNORED_TASK = ("out", "cache_dir", "teacher_cache")
 
 
 class RunFolderBusy(ConfigError):
@@ -72,13 +75,17 @@ class RunFolderBusy(ConfigError):
 
 
 def hashed_config(cfg) -> Dict[str, Any]:
-    """The resolved config that decides a result: everything but HASH_IGNORED (resume, logger, tags, hydra).
+    """The resolved config that decides a result: everything but HASH_IGNORED (resume, logger, tags, hydra)
+    and the task's output and cache locations (HASH_IGNORED_TASK).
     cfg: a config, or a plain dict (e.g. what this returned before: it comes back unchanged)."""
     try:
         c = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     except Exception:  # an interpolation that only resolves inside a Hydra job: hash it as written
         c = OmegaConf.to_container(cfg, resolve=False)
-    return {k: v for k, v in c.items() if k not in HASH_IGNORED}
+    c = {k: v for k, v in c.items() if k not in HASH_IGNORED}
+    if isinstance(c.get("task"), dict):
+        c["task"] = {k: v for k, v in c["task"].items() if k not in HASH_IGNORED_TASK}
+    return c
 
 
 def config_hash(cfg) -> str:
