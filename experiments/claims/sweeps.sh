@@ -94,10 +94,13 @@ group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 s
       sampler.steps=10,25,50,100 "sampler.clip_x0=$clip"
     run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "sampler.clip_x0=$clip" \
       variance=analytic "metrics.paired_with=$RUNS/analytic_base_clip$clip/\${sampler.name}_\${sampler.steps}"
+    if [[ $clip == false ]]; then
+      # the optimal trajectory (the dynamic programme over Gamma's costs) against linspace steps, both analytic
+      # and unclipped (paired with the unclipped fixed-variance base: run before the clipped half)
+      run analytic_dp "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 variance=analytic \
+        sampler.timesteps=analytic_dp "metrics.paired_with=$RUNS/analytic_base_clipfalse/\${sampler.name}_\${sampler.steps}"
+    fi
   done
-  # the optimal trajectory (the dynamic programme over Gamma's costs) against linspace steps, both analytic
-  run analytic_dp "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 variance=analytic sampler.timesteps=analytic_dp \
-    "metrics.paired_with=$RUNS/analytic_base_clipfalse/\${sampler.name}_\${sampler.steps}"
 }
 
 group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta, beta_tilde) vs analytic, and
