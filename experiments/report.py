@@ -420,19 +420,22 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
     """FID against cost for every sampler x strategy row: cost in full-network-call equivalents of MACs
     (macs_per_sample / macs_full, the MACs of one uncached, unguided call: a guided step counts 2, a cached
     one its fraction) and in wall seconds per sample on the machine that ran it; the Pareto front of each
-    marked, then the best row within each budget of full-call equivalents."""
+    marked, then the best row within each budget of full-call equivalents, per group."""
     need = [c for c in ("fid", "macs_per_sample", "macs_full", "wall_time_s", "n_samples") if c not in df.columns]
     if need:
         raise SystemExit(f"frontier needs the columns {', '.join(need)} (metrics=default with the cost count)")
     df = df.dropna(subset=["fid", "macs_per_sample", "macs_full"]).copy()
     df["calls_full"] = df["macs_per_sample"].astype(float) / df["macs_full"].astype(float)
     # FIDs of different feature networks, sample counts (FID's bias falls with n) or models never compare:
-    # one front per group, and the budgets read the largest group (the sweeps' own)
-    keys = [c for c in ("feature", "n_samples", "weights") if c in df.columns]
-    df["group"] = [" / ".join(str(r[c]) for c in keys) for _, r in df.iterrows()] if keys else ""
+    # one front and one set of budgets per group
+    model = "model_id" if "model_id" in df.columns else "weights"
+    keys = [c for c in ("feature", "n_samples", model) if c in df.columns and df[c].astype(str).nunique() > 1]
+    names = {"feature": lambda v: f"{v} features", "n_samples": lambda v: f"{int(float(v))} samples",
+             model: lambda v: f"model {v}"}
+    df["group"] = [", ".join(names[c](r[c]) for c in keys) for _, r in df.iterrows()]
     if df["group"].nunique() > 1:
-        print(f"note: {df['group'].nunique()} groups of rows ({', '.join(keys)}): one Pareto front each; the budgets "
-              f"read the largest group ({df['group'].value_counts().index[0]})\n")
+        print(f"note: {df['group'].nunique()} groups of rows (by {', '.join(keys)}): one Pareto front and one set "
+              f"of budgets each, the largest group first\n")
     df["config"] = [config_label(r) for _, r in df.iterrows()]
     df["s_per_sample"] = df["wall_time_s"].astype(float) / df["n_samples"].astype(float)
     df["front_macs"] = False
@@ -442,22 +445,31 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
         df.loc[idx, "front_wall"] = pareto(df.loc[idx, "s_per_sample"], df.loc[idx, "fid"])
     keys = ["config", "fid"] + (["fid_se"] if "fid_se" in df.columns else []) + \
         ["calls_full", "s_per_sample", "front_macs", "front_wall"]
-    t = df.sort_values(["calls_full", "fid"])[keys]
-    t = t.assign(front_macs=t["front_macs"].map({True: "yes", False: ""}),
-                 front_wall=t["front_wall"].map({True: "yes", False: ""}))
-    print(markdown(t.rename(columns={"calls_full": "full-call equivalents", "s_per_sample": "s / sample",
-                                     "front_macs": "Pareto (MACs)", "front_wall": "Pareto (wall)"})))
-    print()
+    order = list(df["group"].value_counts().index)     # the largest group (the sweeps' own) first
+    for g in order:
+        t = df[df["group"] == g].sort_values(["calls_full", "fid"])[keys]
+        t = t.assign(front_macs=t["front_macs"].map({True: "yes", False: ""}),
+                     front_wall=t["front_wall"].map({True: "yes", False: ""}))
+        if len(order) > 1:
+            print(f"{g}:\n")
+        print(markdown(t.rename(columns={"calls_full": "full-call equivalents", "s_per_sample": "s / sample",
+                                         "front_macs": "Pareto (MACs)", "front_wall": "Pareto (wall)"})))
+        print()
     rows = []
-    main = df[df["group"] == df["group"].value_counts().index[0]]
-    for b in budgets:
-        within = main[main["calls_full"] <= b + 1e-9]
-        if within.empty:
-            rows.append({"budget (full calls)": f"<= {b}", "best config": "(none tried)"})
-            continue
-        r = within.loc[within["fid"].astype(float).idxmin()]
-        rows.append({"budget (full calls)": f"<= {b}", "best config": r["config"], "fid": r["fid"],
-                     **({"fid_se": r["fid_se"]} if "fid_se" in r else {}), "full-call equivalents": r["calls_full"]})
+    for g in order:
+        grp = df[df["group"] == g]
+        for b in budgets:
+            within = grp[grp["calls_full"] <= b + 1e-9]
+            row = {"budget (full calls)": f"<= {b}"}
+            if within.empty:
+                row["best config"] = "(none tried)"
+            else:
+                r = within.loc[within["fid"].astype(float).idxmin()]
+                row.update({"best config": r["config"], "fid": r["fid"], **({"fid_se": r["fid_se"]} if "fid_se" in r else {}),
+                            "full-call equivalents": r["calls_full"]})
+            if len(order) > 1:
+                row["rows of"] = g
+            rows.append(row)
     print(markdown(pd.DataFrame(rows)))
     if out:
         import matplotlib
@@ -468,17 +480,20 @@ def frontier(df: pd.DataFrame, budgets=(5, 10, 20), out: str | None = None):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         for ax, x, front, label in ((axes[0], "calls_full", "front_macs", "MACs per sample (full-call equivalents)"),
                                     (axes[1], "s_per_sample", "front_wall", "wall seconds per sample")):
-            ax.scatter(main[x], main["fid"], s=10, color="0.6", label="tried")
-            f = main[main[front]].sort_values(x)
-            ax.plot(f[x], f["fid"], "o-", color="C3", ms=4, label="Pareto front")
-            for _, r in f.iterrows():
-                ax.annotate(r["config"], (r[x], r["fid"]), fontsize=5, xytext=(3, 3), textcoords="offset points")
+            for k, g in enumerate(order):
+                grp = df[df["group"] == g]
+                name = g or "rows"
+                ax.scatter(grp[x], grp["fid"], s=8, color=f"C{k}", alpha=0.35, label=f"{name}: tried")
+                f = grp[grp[front]].sort_values(x)
+                ax.plot(f[x], f["fid"], "o-", color=f"C{k}", ms=4, label=f"{name}: Pareto front")
+                for _, r in f.iterrows():
+                    ax.annotate(r["config"], (r[x], r["fid"]), fontsize=5, xytext=(3, 3), textcoords="offset points")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("FID")
             ax.grid(alpha=0.3, which="both")
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=6)
         fig.tight_layout()
         _save_figure(fig, out)
 

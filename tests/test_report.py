@@ -141,9 +141,15 @@ def test_frontier_marks_the_pareto_front_and_the_best_per_budget(report, tmp_pat
         r.setdefault("n_samples", 10)
     write_sweep(tmp_path / "s2", rows)
     out = run(report, capsys, "frontier", str(tmp_path / "s2"))
-    assert out.startswith("note: 2 groups of rows")
-    marks = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-2:] for line in out.split("\n\n")[1].splitlines()[2:]}
+    assert out.startswith("note: 2 groups of rows (by n_samples)")
+    parts = out.split("\n\n")       # note, "10 samples:", its table, "5000 samples:", its table, the budgets
+    assert parts[1] == "10 samples:" and parts[3] == "5000 samples:"
+    marks = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-2:] for i in (2, 4) for line in parts[i].splitlines()[2:]}
     assert marks["dpmpp 50"] == ["yes", " |"] and marks["dpmpp 5"] == ["yes", "yes |"] and marks["heun 15"] == ["yes", "yes |"]
+    assert "dpmpp 50" not in parts[2] and parts[4].count("\n") == 2          # each group's own table
+    budgets = parts[5].splitlines()
+    assert "| <= 10 | ddim 20, deepcache N=3 | 11 |" in parts[5] and budgets[-1].endswith("| 5000 samples |")
+    assert "| <= 20 | (none tried) |" in parts[5]        # the 5000-sample group has no row within 20 calls
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
