@@ -584,7 +584,7 @@ def main():
         print(markdown(t.reset_index()))
     elif a.mode == "list":
         if "interval" in df.columns and df["interval"].notna().any():  # DeepCache: speedups vs interval 1
-            df["interval"] = df["interval"].astype(int)
+            df["interval"] = pd.to_numeric(df["interval"]).fillna(1).astype(int)   # no cache: every call full
             grp = df.groupby(["sampler", "steps"])     # N = 1 (no cache) is the baseline of both schedules
             df["macs_x"] = grp["macs_per_sample"].transform(lambda c: c[df.loc[c.index, "interval"] == 1].mean()) / df["macs_per_sample"]
             df["wall_x"] = grp["wall_time_s"].transform(lambda c: c[df.loc[c.index, "interval"] == 1].mean()) / df["wall_time_s"]
