@@ -88,11 +88,11 @@ gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (
 }
 
 group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 steps, x0 clipped or not
-  gamma
+  gamma   # ++: a multirun first composes its config with the default sampler (dpmpp, no clip_x0), sweeps aside
   for clip in false true; do
     base "analytic_base_clip$clip" '${sampler.name}_${sampler.steps}' "n_samples=$N" sampler=ddpm,ddim \
-      sampler.steps=10,25,50,100 "sampler.clip_x0=$clip"
-    run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "sampler.clip_x0=$clip" \
+      sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip"
+    run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip" \
       variance=analytic "metrics.paired_with=$RUNS/analytic_base_clip$clip/\${sampler.name}_\${sampler.steps}"
     if [[ $clip == false ]]; then
       # the optimal trajectory (the dynamic programme over Gamma's costs) against linspace steps, both analytic
