@@ -18,7 +18,8 @@
 # copy a live export first), TAG (required: names the data folder, e.g. converged or early), MODEL_COND (the
 # class-conditional model of the guidance group, default the shipped one),
 # N (samples per sweep job, default 500), N_HEAD (headline rows, default 5000), PY (default .venv/bin/python),
-# RHO (the rho_bottom list), RUNS / DATA (the two roots above).
+# RHO (the rho_bottom list), CLIP (the analytic group's halves, x0 unclipped / clipped: default "false true";
+# CLIP=true runs the clipped half alone, e.g. in a second process), RUNS / DATA (the two roots above).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -89,7 +90,7 @@ gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (
 
 group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 steps, x0 clipped or not
   gamma   # ++: a multirun first composes its config with the default sampler (dpmpp, no clip_x0), sweeps aside
-  for clip in false true; do
+  for clip in ${CLIP:-false true}; do
     base "analytic_base_clip$clip" '${sampler.name}_${sampler.steps}' "n_samples=$N" sampler=ddpm,ddim \
       sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip"
     run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip" \
