@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg, make_tiny_unet
+from fewstep.config import group
 
 GROUPS = ("dataset", "backbone", "sampler", "skip", "cache", "variance", "metrics", "logger", "trainer", "task",
           "experiment")
@@ -88,21 +90,16 @@ def test_option_composes_and_instantiates(group, option, tmp_path, request):
     elif group == "skip":
         from fewstep.strategies.skip import build_skip
 
-        if option == "residual":
-            from fewstep.strategies.residual import build_residual
-
-            hooks = build_residual(cfg.skip, _dit_adapter())
-        else:
-            hooks = build_skip(cfg.skip, _adapter())
+        hooks = build_skip(cfg.skip, _dit_adapter() if option == "residual" else _adapter())
         assert isinstance(hooks, list)
     elif group == "cache":
         from fewstep.strategies.cache import build_cache, validate_cache_cfg
 
         if option == "block":
-            from fewstep.strategies.block_cache import build_block_cache, validate_block_cache_cfg
+            from fewstep.strategies.block_cache import validate_block_cache_cfg
 
             validate_block_cache_cfg(compose_cfg(["cache=block", "backbone=dit"]))
-            assert build_block_cache(cfg.cache, _dit_adapter()) is not None
+            assert build_cache(cfg.cache, _dit_adapter()) is not None
         elif option != "none":
             validate_cache_cfg(cfg.cache)
             assert build_cache(cfg.cache, _adapter()) is not None or int(cfg.cache.interval) == 1
@@ -147,3 +144,52 @@ def test_option_composes_and_instantiates(group, option, tmp_path, request):
 
         mod = importlib.import_module(f"fewstep.tasks.{cfg.task.name}")
         assert callable(mod.run)
+
+
+STRATEGY_GROUPS = ("skip", "cache", "variance", "guidance")
+
+
+@pytest.mark.parametrize("group_name,option", [(g, o) for g in STRATEGY_GROUPS for o in options(g)])
+def test_strategy_option_names_its_builder(group_name, option):
+    """Each strategy option's YAML is the argument list of the builder its _target_ names: the same keys
+    (besides name), and the builder has no defaults of its own, so every default exists once, in the YAML."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    node = OmegaConf.to_container(group(group_name, option, context=["sampler=ddpm"]))
+    assert "_target_" in node
+    if node["_target_"] is None:   # the option that builds nothing
+        assert set(node) == {"name", "_target_"}
+        return
+    params = inspect.signature(get_object(node["_target_"])).parameters
+    kw_only = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(kw_only) == set(node) - {"name", "_target_"}
+    assert all(p.default is p.empty for p in kw_only.values())
+
+
+@pytest.mark.parametrize("target,match", [
+    ("os.system", "may only name a fewstep builder"),
+    ("fewstep.build.os.system", "not a fewstep builder"),      # an attribute path out of the package
+    ("fewstep.strategies.skip.__import__('os')", "may only name a fewstep builder"),
+    ("fewstep.strategies.skip.nope", "no such builder"),
+    ("fewstep.strategies.skip.freeu", "are not the builder's arguments"),   # linear's keys, freeu's builder
+])
+def test_instantiate_refuses_foreign_targets(target, match, monkeypatch):
+    import os
+
+    from fewstep.config import ConfigError, instantiate
+
+    ran = []
+    monkeypatch.setattr(os, "system", lambda *a: ran.append(a))
+    with pytest.raises(ConfigError, match=match):
+        instantiate(group("skip", "linear", _target_=target, rho_bottom=0.5), adapter=None)
+    assert ran == []
+
+
+def test_instantiate_builds_nothing_for_a_null_target():
+    from fewstep.config import instantiate
+
+    assert instantiate(group("cache", "none")) is None and instantiate(group("guidance", "none")) is None
+    g = instantiate(group("guidance", "cfg", scale=2.0, interval=[100, 700]))
+    assert (g.scale, g.interval, g.rescale) == (2.0, (100.0, 700.0), 0.0)

@@ -101,11 +101,11 @@ def test_residual_scales_follow_the_linear_rule():
 
 
 def test_residual_rho_one_is_bit_identical_and_installs_nothing(dit):
-    from fewstep.strategies.residual import build_residual
+    from fewstep.strategies.skip import build_skip
 
     cfg = compose_cfg([*TINY_DIT_OVERRIDES, "skip=residual"]).skip
     a = DiTAdapter(dit)
-    assert build_residual(cfg, a) == []
+    assert build_skip(cfg, a) == []
     x, y = inputs()
     t = torch.tensor([5.0, 400.0, 990.0])
     with torch.no_grad():
@@ -125,12 +125,12 @@ def _scaled_by_diffusers_hooks(dit, scales):
 
 
 def test_residual_scaling_equals_scaling_diffusers_branches(dit):
-    from fewstep.strategies.residual import build_residual
+    from fewstep.strategies.skip import build_skip
 
     cfg = compose_cfg([*TINY_DIT_OVERRIDES, "skip=residual", "skip.rho_bottom=0.6", "skip.rho_top=1.2",
                        "skip.granularity=branch"]).skip
     a = DiTAdapter(dit)
-    a.residual_hooks.extend(build_residual(cfg, a))
+    a.residual_hooks.extend(build_skip(cfg, a))
     scales = residual_scales(a.num_blocks, 1.2, 0.6, "branch")
     x, y = inputs()
     t = torch.tensor([5.0, 400.0, 990.0])

@@ -159,8 +159,8 @@ def test_bad_input_raises(adapter):
         build_skip(group("skip", "linear", rho_bottom=0.5, granularity="block"), adapter)
     with pytest.raises(ValueError, match="t_range"):
         build_skip(group("skip", "linear", rho_bottom=0.5, t_range=[500, 100]), adapter)
-    with pytest.raises(ValueError, match="choose from"):
-        build_skip(group("skip", "none", name="nope"), adapter)
+    with pytest.raises(ValueError, match="no such builder"):
+        build_skip(group("skip", "linear", _target_="fewstep.strategies.skip.nope"), adapter)
 
 
 def test_backbone_without_skips():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fewstep.config import group
 from fewstep.backbones.gmm import GaussianMixture, GMMExact
 from fewstep.denoiser import Denoiser
 from fewstep.metrics.nll import discretized_gaussian_log_likelihood, nll_bpd, nll_rule
@@ -377,7 +378,7 @@ def test_model_id(tiny_unet, schedule):
 
 
 def variance_cfg(**kw):
-    base = {"name": "analytic", "gamma_path": None, "search_dirs": [], "clip_pixel": 2.0,
+    base = {"name": "analytic", "_target_": "fewstep.strategies.variance.analytic_dpm", "gamma_path": None, "search_dirs": [], "clip_pixel": 2.0,
             "data_range": [-1.0, 1.0], "dataset": "gmm", "backbone": "gmm_exact", "pretrained": None}
     return OmegaConf.create({**base, **kw})
 
@@ -392,7 +393,7 @@ def test_gamma_files_keyed_by_model(model, mixture, schedule, tmp_path):
     assert rule.path == str(path) and rule.clip_pixel == 2.0 and rule.gamma_at(500) == pytest.approx(st.gamma[1])
     assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=1), schedule, mid).clip_pixel == 1.0
     assert build_variance(variance_cfg(gamma_path=str(path), clip_pixel=None), schedule, mid).clip_pixel is None
-    assert build_variance(OmegaConf.create({"name": "fixed"}), schedule, mid) is None
+    assert build_variance(group("variance", "fixed"), schedule, mid) is None
     with pytest.raises(GammaMismatch, match=f"holds Gamma of model {mid}.*not of this model {other}"):
         build_variance(variance_cfg(gamma_path=str(path)), schedule, other)
     with pytest.raises(GammaMismatch, match="another noise schedule"):
@@ -401,7 +402,7 @@ def test_gamma_files_keyed_by_model(model, mixture, schedule, tmp_path):
         build_variance(variance_cfg(search_dirs=[str(tmp_path / "empty")]), schedule, other)
     with pytest.raises(ValueError, match="clip_pixel must be"):
         build_variance(variance_cfg(gamma_path=str(path), clip_pixel=-1), schedule, mid)
-    with pytest.raises(ValueError, match="unknown variance"):
+    with pytest.raises(ValueError, match="names no _target_"):
         build_variance(OmegaConf.create({"name": "learned"}), schedule, mid)
     # lookup prefers the dataset, then the largest M
     st2 = estimate_gamma(model, [mixture.sample(128)], schedule, [0, 999])

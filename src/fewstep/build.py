@@ -131,25 +131,14 @@ def build_backbone(cfg):
 
 
 def install_strategies(cfg, backbone):
-    """Skip hooks onto the adapter; returns the cache strategy (or None)."""
+    """Skip hooks onto the adapter; returns the cache strategy (or None). Each group's option names its
+    builder (`_target_`, config.instantiate)."""
+    from .strategies.cache import build_cache
     from .strategies.skip import build_skip
 
-    if cfg.skip.name == "residual":   # the residual branches of transformer blocks (DiT, U-ViT)
-        from .strategies.residual import build_residual
-
-        backbone.residual_hooks.extend(build_residual(cfg.skip, backbone))
-    else:
-        hooks = build_skip(cfg.skip, backbone)
-        if hooks:
-            backbone.skip_hooks.extend(hooks)
-    if cfg.cache.name == "none":
-        return None
-    if cfg.cache.name == "block":
-        from .strategies.block_cache import build_block_cache
-
-        return build_block_cache(cfg.cache, backbone)
-    from .strategies.cache import build_cache
-
+    hooks = build_skip(cfg.skip, backbone)
+    if hooks:   # skip=residual scales the residual branches of transformer blocks (DiT, U-ViT), the others the long skips
+        (backbone.residual_hooks if cfg.skip.name == "residual" else backbone.skip_hooks).extend(hooks)
     return build_cache(cfg.cache, backbone)
 
 

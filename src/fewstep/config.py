@@ -4,6 +4,10 @@ up-front validation of user input.
 One source for every default: the YAML group files under conf/ (what `python run.py --cfg job` prints).
 Code reads config keys strictly (`cfg.key`, struct mode: a key the YAML lacks raises, it never silently
 defaults); tests, notebooks and benchmarks get their configs from the same files through `compose` / `group`.
+
+The strategy groups (skip, cache, variance, guidance) are read by `instantiate`: each option's YAML names
+the builder it is the arguments of (`_target_: fewstep.strategies.skip.linear`), the builder's signature
+lists exactly those keys with no defaults of its own, and a new option is one YAML file and one function.
 """
 from __future__ import annotations
 
@@ -93,6 +97,60 @@ def group(name: str, option: str, /, *, context: Sequence[str] = (), **values) -
     for key, value in values.items():
         node[key] = value
     return node
+
+
+TARGET_PREFIX = "fewstep."   # the only callables a config may name
+
+
+def _locate(target: str):
+    """The object a dotted path names: the longest importable module prefix, then attributes (as Hydra's
+    locate, without its error log)."""
+    import importlib
+
+    parts = target.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[k:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"_target_={target}: no such builder")
+
+
+def instantiate(node, /, **context):
+    """A config group option -> its object: `node._target_(**context, **node's other keys)`, as Hydra's
+    non-recursive instantiate, with `name` left out (it names the option for validation and the results).
+    `_target_: null` is the option that builds nothing (skip=none, cache=none, variance=fixed,
+    guidance=none): None. `context` carries what the config cannot know (the adapter, the schedule). A
+    target outside fewstep (a crafted or mistyped config) is refused in one line before anything is
+    imported; the builder's own errors propagate unchanged."""
+    keys = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if "_target_" not in keys:
+        raise ConfigError(f"config option {keys.get('name', keys)!r} names no _target_ (the builder of its keys)")
+    target = keys.pop("_target_")
+    keys.pop("name", None)
+    if target is None:
+        return None
+    check(isinstance(target, str) and target.startswith(TARGET_PREFIX)
+          and all(part.isidentifier() for part in target.split(".")),
+          f"_target_={target}: a config may only name a fewstep builder ({TARGET_PREFIX}...)")
+    builder = _locate(target)
+    # fewstep.<module>.os.system resolves too: the object itself must be defined in fewstep
+    check(callable(builder) and str(getattr(builder, "__module__", "")).startswith(TARGET_PREFIX),
+          f"_target_={target}: not a fewstep builder")
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        wanted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        check(set(keys) == wanted, f"_target_={target}: the option's keys {sorted(keys)} are not the builder's "
+                                   f"arguments {sorted(wanted)}")
+    return builder(**context, **keys)
 
 
 @contextmanager

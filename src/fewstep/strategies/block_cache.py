@@ -101,12 +101,11 @@ class BlockCache(DeepCache):
                 functools.partial(backbone.forward_block_partial, blocks=self.blocks))
 
 
-def build_block_cache(cfg_cache, adapter) -> Optional[BlockCache]:
-    """A validated cfg.cache (conf/cache/block.yaml) -> a BlockCache, or None at interval 1 (every call full)."""
-    if int(cfg_cache.interval) == 1:
+def block_cache(adapter, *, interval, first, last, schedule, center, power, compile, compile_backend) -> Optional[BlockCache]:
+    """cache=block (conf/cache/block.yaml) -> a BlockCache on `adapter`, or None at interval 1 (every call full)."""
+    if int(interval) == 1:
         return None
     require_block_forwards(adapter)
-    return BlockCache(interval=int(cfg_cache.interval), first=int(cfg_cache.first), last=int(cfg_cache.last),
-                      schedule=str(cfg_cache.schedule), center=cfg_cache.center, power=float(cfg_cache.power),
-                      compile=bool(cfg_cache.compile), compile_backend=str(cfg_cache.compile_backend),
+    return BlockCache(interval=int(interval), first=int(first), last=int(last), schedule=str(schedule),
+                      center=center, power=float(power), compile=bool(compile), compile_backend=str(compile_backend),
                       num_blocks=adapter.num_blocks)

@@ -264,12 +264,20 @@ class DeepCache:
 
 
 # ---------------------------------------------------------------------------- builder
-def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
-    """A validated cfg.cache (conf/cache/*.yaml, every key set) -> a DeepCache object, or None when the cache
-    is off (name none or interval 1). The branch is checked against the network (0 .. num_skips - 1)."""
-    if cfg_cache.name == "none" or int(cfg_cache.interval) == 1:
+def deepcache(adapter, *, interval, branch, schedule, center, power, compile, compile_backend) -> Optional[DeepCache]:
+    """cache=deepcache (conf/cache/deepcache.yaml) -> a DeepCache on `adapter`, or None at interval 1 (every
+    call full). The branch is checked against the network (0 .. num_skips - 1)."""
+    if int(interval) == 1:
         return None
     require_partial_forwards(adapter)
-    return DeepCache(interval=int(cfg_cache.interval), branch=int(cfg_cache.branch), schedule=str(cfg_cache.schedule),
-                     center=cfg_cache.center, power=float(cfg_cache.power), compile=bool(cfg_cache.compile),
-                     compile_backend=str(cfg_cache.compile_backend), num_skips=adapter.num_skips)
+    return DeepCache(interval=int(interval), branch=int(branch), schedule=str(schedule), center=center,
+                     power=float(power), compile=bool(compile), compile_backend=str(compile_backend),
+                     num_skips=adapter.num_skips)
+
+
+def build_cache(cfg_cache, adapter) -> Optional[DeepCache]:
+    """A validated cfg.cache (conf/cache/*.yaml, every key set; its `_target_` is deepcache above or
+    block_cache.block_cache) -> the cache object, or None when the cache is off (cache=none, or interval 1)."""
+    from ..config import instantiate
+
+    return instantiate(cfg_cache, adapter=adapter)

@@ -85,13 +85,18 @@ def validate_guidance_cfg(cfg, n_train: int) -> None:
               f"guidance.interval must be null or [t_lo, t_hi] with 0 <= t_lo <= t_hi <= {n_train - 1} (got {iv})")
 
 
+def classifier_free(*, scale, interval, rescale) -> Guidance:
+    """guidance=cfg (conf/guidance/cfg.yaml) -> a Guidance."""
+    return Guidance(scale=float(scale), interval=None if interval is None else (float(interval[0]), float(interval[1])),
+                    rescale=float(rescale))
+
+
 def build_guidance(cfg) -> Optional[Guidance]:
-    """A validated cfg.guidance (conf/guidance/*.yaml) -> a Guidance, or None for guidance=none."""
-    if cfg.name == "none":
-        return None
-    iv = cfg.interval
-    return Guidance(scale=float(cfg.scale), interval=None if iv is None else (float(iv[0]), float(iv[1])),
-                    rescale=float(cfg.rescale))
+    """A validated cfg.guidance (conf/guidance/*.yaml; its `_target_` is classifier_free above) -> a Guidance,
+    or None for guidance=none."""
+    from ..config import instantiate
+
+    return instantiate(cfg)
 
 
 def guidance_key(cfg) -> Optional[dict]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import List
 
 from ..config import ConfigError, check
-from .skip import CondRowsOnly, ScaleSkips, parse_t_range, skip_scales
+from .skip import ScaleSkips, parse_t_range, restrict_rows, skip_scales
 
 GRANULARITIES = ("block", "branch")
 BRANCHES = ("both", "attn", "mlp")
@@ -84,13 +84,13 @@ def require_residuals(adapter) -> None:
                          f"uvit); {type(adapter).__name__} has none")
 
 
-def build_residual(cfg_skip, adapter) -> list:
-    """Hooks for skip=residual, to append to `adapter.residual_hooks`; [] when every rho is 1."""
-    t_range = parse_t_range(cfg_skip.t_range)
+def residual(adapter, *, rho_top, rho_bottom, granularity, branches, t_range, rows) -> list:
+    """skip=residual (conf/skip/residual.yaml): hooks to append to `adapter.residual_hooks`; [] when every
+    rho is 1."""
+    t_range = parse_t_range(t_range)
     require_residuals(adapter)
-    scales = residual_scales(len(adapter.residuals) // 2, float(cfg_skip.rho_top), float(cfg_skip.rho_bottom),
-                             str(cfg_skip.granularity), str(cfg_skip.branches))
+    scales = residual_scales(len(adapter.residuals) // 2, float(rho_top), float(rho_bottom), str(granularity),
+                             str(branches))
     if all(s == 1.0 for s in scales):
         return []
-    hook = ScaleSkips(scales, t_range)
-    return [CondRowsOnly(hook, adapter)] if cfg_skip.rows == "cond" else [hook]
+    return restrict_rows([ScaleSkips(scales, t_range)], rows, adapter)

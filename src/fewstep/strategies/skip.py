@@ -40,7 +40,7 @@ identity elsewhere (selected per sample with torch.where, so it is compile-frien
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -175,19 +175,20 @@ class ScaleSkips:
         return f"ScaleSkips({s}, t_range={self.t_range})"
 
 
-def _build_linear(cfg, adapter) -> list:
-    rho_top, rho_bottom = float(cfg.rho_top), float(cfg.rho_bottom)
-    granularity = str(cfg.granularity)
-    t_range = parse_t_range(cfg.t_range)
+def linear(adapter, *, rho_top, rho_bottom, granularity, t_range, rows) -> list:
+    """skip=linear (conf/skip/linear.yaml): Skip-Tuning's rho_i, linear in depth from rho_top (shallowest
+    skip) to rho_bottom (deepest); [] when both are 1 (exactly the plain network)."""
+    rho_top, rho_bottom, granularity = float(rho_top), float(rho_bottom), str(granularity)
+    t_range = parse_t_range(t_range)
     # validate before looking at the backbone (rho < 0, unknown granularity)
     skip_scales(1, rho_top, rho_bottom, "skip")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown skip granularity '{granularity}' (choose from {', '.join(GRANULARITIES)})")
     if rho_top == 1.0 and rho_bottom == 1.0:
-        return []  # exactly the plain network
+        return []
     _require_skips(adapter, "linear")
     scales = skip_scales(adapter, rho_top, rho_bottom, granularity)
-    return [ScaleSkips(scales, t_range)]
+    return restrict_rows([ScaleSkips(scales, t_range)], rows, adapter)
 
 
 # ---------------------------------------------------------------------------- FreeU
@@ -250,10 +251,10 @@ class FreeU:
         return f"FreeU(b={self.b}, s={self.s}, threshold={self.threshold}, t_range={self.t_range})"
 
 
-def _build_freeu(cfg, adapter) -> list:
-    b1, b2, s1, s2 = float(cfg.b1), float(cfg.b2), float(cfg.s1), float(cfg.s2)
-    threshold = cfg.threshold
-    t_range = parse_t_range(cfg.t_range)
+def freeu(adapter, *, b1, b2, s1, s2, threshold, t_range, rows) -> list:
+    """skip=freeu (conf/skip/freeu.yaml): FreeU's backbone factors b and skip factors s; [] when all are 1."""
+    b1, b2, s1, s2 = float(b1), float(b2), float(s1), float(s2)
+    t_range = parse_t_range(t_range)
     _check_nonneg(b1=b1, b2=b2, s1=s1, s2=s2)
     if (b1, b2, s1, s2) == (1.0, 1.0, 1.0, 1.0):
         return []
@@ -263,7 +264,7 @@ def _build_freeu(cfg, adapter) -> list:
     if not isinstance(adapter, UNetAdapter):
         raise ValueError(f"skip=freeu acts on the feature maps of a UNet decoder (backbone=unet); "
                          f"{type(adapter).__name__} has none: use skip=linear or skip=learned")
-    return [FreeU(adapter.skips, b1, b2, s1, s2, t_range, threshold)]
+    return restrict_rows([FreeU(adapter.skips, b1, b2, s1, s2, t_range, threshold)], rows, adapter)
 
 
 # ---------------------------------------------------------------------------- learned rho
@@ -333,11 +334,12 @@ def load_learned(path) -> dict:
     return data
 
 
-def _build_learned(cfg, adapter) -> list:
-    path = cfg.path
+def learned(adapter, *, path, check_model, t_range, rows) -> list:
+    """skip=learned (conf/skip/learned.yaml): the rho_i (one row, or one row per timestep) of a task=tune_rho
+    file; check_model refuses a file learned for another network."""
     if not path:
         raise ValueError("skip=learned needs skip.path=<rho file written by task=tune_rho>")
-    t_range = parse_t_range(cfg.t_range)
+    t_range = parse_t_range(t_range)
     data = load_learned(path)
     _require_skips(adapter, "learned")
     k = len(adapter.skips)
@@ -345,7 +347,7 @@ def _build_learned(cfg, adapter) -> list:
     if n != k:
         raise ValueError(f"skip.path={path} holds {n} scales per step, the backbone has {k} skips")
     saved = data.get("model_id")
-    if bool(cfg.check_model):
+    if bool(check_model):
         from ..identity import model_id
 
         if not saved:
@@ -355,22 +357,14 @@ def _build_learned(cfg, adapter) -> list:
             raise ValueError(f"skip.path={path} was learned for model {saved}, this backbone is {model_id(adapter)} "
                              f"(set skip.check_model=false to use it anyway)")
     if data.get("t") is None:
-        return [ScaleSkips([float(v) for v in data["rho"]], t_range)]
-    table = torch.tensor(data["rho"], dtype=torch.float32)
-    return [ScaleSkips(table, t_range, table_t=[float(v) for v in data["t"]])]
+        hook = ScaleSkips([float(v) for v in data["rho"]], t_range)
+    else:
+        table = torch.tensor(data["rho"], dtype=torch.float32)
+        hook = ScaleSkips(table, t_range, table_t=[float(v) for v in data["t"]])
+    return restrict_rows([hook], rows, adapter)
 
 
-# ---------------------------------------------------------------------------- dispatch
-# name -> builder(cfg_skip, adapter) -> list of hooks. A new strategy (e.g. `learned`) adds
-# one entry here and one conf/skip/<name>.yaml.
-_BUILDERS: Dict[str, Callable] = {
-    "none": lambda cfg, adapter: [],
-    "linear": _build_linear,
-    "freeu": _build_freeu,
-    "learned": _build_learned,
-}
-
-
+# ---------------------------------------------------------------------------- guided rows
 ROWS = ("both", "cond")
 
 
@@ -391,19 +385,18 @@ class CondRowsOnly:
         return torch.cat([dc, d[n:]]), torch.cat([uc, u[n:]])
 
 
-def build_skip(cfg_skip, adapter) -> list:
-    """Hooks for `cfg.skip` (conf/skip/<name>.yaml, every key set), to append to `adapter.skip_hooks` (in
-    order). [] = plain network.
-
-    skip.rows (with guidance; every option but none has it): both scales the conditional and the
+def restrict_rows(hooks: list, rows, adapter) -> list:
+    """skip.rows (with guidance; every option but none has it): both scales the conditional and the
     unconditional rows alike, cond only the conditional ones."""
-    name = str(cfg_skip.name)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown skip strategy '{name}' (choose from {', '.join(_BUILDERS)})")
-    hooks = _BUILDERS[name](cfg_skip, adapter)
-    if not hooks:
-        return hooks
-    rows = cfg_skip.rows
     if rows not in ROWS:
         raise ValueError(f"skip.rows must be both or cond (got {rows})")
     return [CondRowsOnly(h, adapter) for h in hooks] if rows == "cond" else hooks
+
+
+def build_skip(cfg_skip, adapter) -> list:
+    """Hooks for `cfg.skip` (conf/skip/<name>.yaml, every key set; its `_target_` is the builder above, or
+    strategies.residual.residual), to append to `adapter.skip_hooks` (adapter.residual_hooks for
+    skip=residual), in order. [] = plain network (skip=none, or scales that are all 1)."""
+    from ..config import instantiate
+
+    return instantiate(cfg_skip, adapter=adapter) or []

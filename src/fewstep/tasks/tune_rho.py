@@ -355,7 +355,7 @@ def fit(cfg, out: Path, hashed=None):
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     shape = sample_shape(cfg)
-    model = build_denoiser(_plain_cfg(cfg, skip={"name": "none"}), device)   # the hooks come from the tuner
+    model = build_denoiser(_plain_cfg(cfg, skip={"name": "none", "_target_": None}), device)   # the hooks come from the tuner
     adapter = model.backbone
     if not getattr(adapter, "skips", None):
         raise ConfigError(f"task=tune_rho needs a backbone with skip connections (backbone=unet or uvit), "

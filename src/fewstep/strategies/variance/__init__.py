@@ -35,8 +35,8 @@ __all__ = [
 VARIANCES = ("fixed", "analytic")
 
 
-def _search_dirs(cfg_variance) -> list:
-    dirs = list(cfg_variance.search_dirs or [])
+def _search_dirs(search_dirs) -> list:
+    dirs = list(search_dirs or [])
     return [os.path.expanduser(str(d)) for d in dirs if d not in (None, "")]
 
 
@@ -69,27 +69,22 @@ def validate_variance_cfg(cfg_variance) -> None:
         _data_range(cfg_variance.data_range)
 
 
-def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None):
-    """variance=fixed -> None (the sampler's own variance); variance=analytic -> AnalyticVariance.
+def analytic_dpm(schedule: NoiseSchedule, model_id: str, guidance: Optional[dict], *, gamma_path, search_dirs, clip_pixel,
+                 data_range, dataset, backbone, pretrained) -> AnalyticVariance:
+    """variance=analytic (conf/variance/analytic.yaml) -> AnalyticVariance with the model's Gamma.
 
-    Gamma comes from variance.gamma_path, else from the best matching gamma_<model_id>_*.safetensors in
-    variance.search_dirs (the pretrained folder, then the cache folder); a missing or foreign file is a
-    one-line error naming the `python run.py task=gamma ...` command that makes the right one. guidance
-    (strategies.guidance.guidance_key): the guided eps is another model, so only a Gamma made with the same
-    guidance settings is taken. The config is a validated conf/variance/*.yaml (every key set).
-    """
-    name = cfg_variance.name
-    if name == "fixed":
-        return None
-    if name != "analytic":
-        raise ValueError(f"unknown variance '{name}' (choose from {', '.join(VARIANCES)})")
-    clip_pixel = _clip_pixel(cfg_variance.clip_pixel)
-    data_range = _data_range(cfg_variance.data_range)
-    command = gamma_command(cfg_variance)
-    path = cfg_variance.gamma_path
+    Gamma comes from gamma_path, else from the best matching gamma_<model_id>_*.safetensors in search_dirs
+    (the pretrained folder, then the cache folder); a missing or foreign file is a one-line error naming the
+    `python run.py task=gamma ...` command that makes the right one (from dataset, backbone, pretrained).
+    guidance (strategies.guidance.guidance_key): the guided eps is another model, so only a Gamma made with
+    the same guidance settings is taken."""
+    clip_pixel = _clip_pixel(clip_pixel)
+    data_range = _data_range(data_range)
+    command = gamma_command({"dataset": dataset, "backbone": backbone, "pretrained": pretrained})
+    path = gamma_path
     if not path:
-        dirs = _search_dirs(cfg_variance)
-        path = find_gamma(model_id, dirs, cfg_variance.dataset, guidance)
+        dirs = _search_dirs(search_dirs)
+        path = find_gamma(model_id, dirs, dataset, guidance)
         if path is None:
             where = ", ".join(dirs) if dirs else "no variance.search_dirs"
             what = "" if guidance is None else f" with guidance {guidance}"
@@ -98,3 +93,11 @@ def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidanc
     g = load_gamma(path, model_id, schedule, command, guidance=guidance)
     return AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
                             data_range=data_range, model_id=model_id, path=g["path"])
+
+
+def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None):
+    """A validated cfg.variance (conf/variance/*.yaml, every key set; its `_target_` is analytic_dpm above) ->
+    None for variance=fixed (the sampler's own variance), else the variance rule."""
+    from ...config import instantiate
+
+    return instantiate(cfg_variance, schedule=schedule, model_id=model_id, guidance=guidance)
