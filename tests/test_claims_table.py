@@ -54,14 +54,30 @@ def test_rho_law_is_fitted_from_the_best_rho_per_nfe(table, tmp_path):
     rows = []
     for m in (8, 15, 30, 50):
         b = round(1 - C / m ** alpha, 2)
-        rows += [dict(sampler="dpmpp", steps=m, nfe=m, rho_bottom=r, fid=20 + 8 * (r - b) ** 2, fid_diff=8 * (r - b) ** 2 - 8 * (1 - b) ** 2,
+        rows += [dict(sampler="dpmpp", steps=m, nfe=m, rho_bottom=r, fid=20 + 80 * (r - b) ** 2, fid_diff=80 * (r - b) ** 2 - 80 * (1 - b) ** 2,
                       fid_diff_se=0.1) for r in np.round(np.arange(0.5, 1.0, 0.01), 2)]
     sweep(tmp_path, "skip_dpmpp_m", rows)
     _, _, measured, verdict = table.row_rho_law(tmp_path)
-    assert verdict.startswith("reproduced") and "M=50: 0.92" in measured
-    fit = measured.split("fit ")[1]
+    assert verdict.startswith("reproduced (1 of 1 samplers") and "M=50: 0.92" in measured
+    fit = measured.split("; fit ")[1]
     c, a = float(fit.split("C = ")[1].split(" ")[0]), float(fit.split("alpha = ")[1].split(" ")[0])
     assert c == pytest.approx(C, abs=0.03) and a == pytest.approx(alpha, abs=0.03)   # the grid's 0.01 step
+    # a sampler whose rho* is 1 at every M is reported, not counted; one whose rho* stays put breaks the law
+    ddim = [dict(r, sampler="ddim") for r in skip_rows({5: 1.0, 10: 1.0, 20: 1.0})]
+    sweep(tmp_path, "skip_ddim", ddim)
+    _, _, measured, verdict = table.row_rho_law(tmp_path)
+    assert verdict.startswith("reproduced (1 of 1 samplers") and "DDIM M=5: 1, M=10: 1, M=20: 1; best rho_bottom is 1" in measured
+    heun = [dict(r, sampler="heun") for r in skip_rows({5: 0.8, 10: 0.8, 20: 0.8})]
+    sweep(tmp_path, "skip_heun", heun)
+    assert table.row_rho_law(tmp_path)[3].startswith("partly (1 of 2 samplers")
+
+
+def test_rho_law_reads_a_tie_as_rho_one(table, tmp_path):
+    """A best rho within the noise of rho = 1 is no point of the law: with no other, nothing is fitted."""
+    sweep(tmp_path, "skip_dpmpp", skip_rows({5: 0.95, 10: 0.95, 20: 0.95}, se=2.0, grid=(0.9, 0.95, 1.05)))
+    _, _, measured, verdict = table.row_rho_law(tmp_path)
+    assert verdict.startswith("not reproduced (rho* = 1 at every M)")
+    assert "M=5: 0.95 (-0.20 +- 2.00, not significant)" in measured and "no fit" in measured
 
 
 def test_deepcache_rows(table, tmp_path):
