@@ -240,9 +240,9 @@ def test_temporary_files_are_per_process_and_never_left_behind(tmp_path):
 def no_key_env(tmp_path, **extra):
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    return clean_env(HOME=str(home), WANDB_API_KEY=None, NETRC=None, WANDB_IDENTITY_TOKEN_FILE=None,
-                     WANDB_BASE_URL=None, WANDB_CONFIG_DIR=str(home / ".config" / "wandb"), WANDB_SILENT=None,
-                     **extra)
+    env = dict(HOME=str(home), WANDB_API_KEY=None, NETRC=None, WANDB_IDENTITY_TOKEN_FILE=None, WANDB_BASE_URL=None,
+               WANDB_CONFIG_DIR=str(home / ".config" / "wandb"), WANDB_SILENT=None)
+    return clean_env(**{**env, **extra})
 
 
 def test_wandb_online_without_a_key_warns_once_and_keeps_the_result(tmp_path):
@@ -255,6 +255,31 @@ def test_wandb_online_without_a_key_warns_once_and_keeps_the_result(tmp_path):
     assert metrics(out)["n_samples"] == 200 and (out / "samples.png").exists()
     warnings = lines_with(p.stdout + p.stderr, "warning")
     assert len(warnings) == 1 and "API key" in warnings[0], (p.stdout[-2000:], p.stderr[-2000:])
+
+
+def test_wandb_with_a_key_and_no_answering_server_times_out_and_keeps_the_result(tmp_path):
+    """A key is configured but the server accepts and never answers (no network): wandb.init gives up after
+    logger.init_timeout, the run warns once and exits 0 with its result."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)                                          # connections queue, nothing ever replies
+    try:
+        out = tmp_path / "run"
+        env = no_key_env(tmp_path, WANDB_MODE="online", WANDB_API_KEY="a" * 40,
+                         WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
+        t0 = time.monotonic()
+        p = run_py(*GMM, "logger=wandb", "logger.init_timeout=3", f"hydra.run.dir={out}", env=env, timeout=240,
+                   check=False)
+        elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert elapsed < 150                                       # not wandb's own 90 s with retries
+    assert metrics(out)["n_samples"] == 200 and (out / "samples.png").exists()
+    warnings = lines_with(p.stdout + p.stderr, "[fewstep] warning")
+    assert len(warnings) == 1 and "W&B" in warnings[0] and "Timed out" in warnings[0], (p.stdout[-2000:], p.stderr[-2000:])
 
 
 def test_a_failing_wandb_is_one_warning_line(tmp_path, monkeypatch, capsys):
