@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewstep.config import group
+from fewstep.config import ConfigError, group
 from fewstep.backbones.gmm import GaussianMixture, GMMExact
 from fewstep.denoiser import Denoiser
 from fewstep.metrics.nll import discretized_gaussian_log_likelihood, nll_bpd, nll_rule
@@ -134,8 +134,11 @@ def test_gamma_task_on_two_processes_equals_one(compose, tmp_path, monkeypatch):
     g1, g2 = load_gamma(one["gamma_path"]), load_gamma(two["gamma_path"])
     assert g1["world_size"] == 1 and g2["world_size"] == 2 and g1["M"] == g2["M"] == 22
     assert g1["model_id"] == g2["model_id"] and torch.equal(g1["timesteps"], g2["timesteps"])
-    np.testing.assert_allclose(g2["gamma"].numpy(), g1["gamma"].numpy(), rtol=1e-10)
-    np.testing.assert_allclose(g2["stderr"].numpy(), g1["stderr"].numpy(), rtol=1e-8)
+    # the same points and noise on each rank; the network's float32 outputs differ by round-off between one
+    # process and two single-threaded ranks (CPU kernels block by thread count: 1e-7 relative measured), a
+    # shard with other points or noise by far more
+    np.testing.assert_allclose(g2["gamma"].numpy(), g1["gamma"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g2["stderr"].numpy(), g1["stderr"].numpy(), rtol=1e-5)
     assert not list((tmp_path / "two").glob("*.partial*"))                # every rank dropped its partial
 
 
@@ -433,8 +436,23 @@ def test_gamma_task_then_analytic_sampling_and_nll(compose, tmp_path):
                           "sampler.steps=6", "sampler.timesteps=analytic_dp", "metrics=nll", "metrics.n_data=200"])
     assert cfg.variance.pretrained is None and cfg.variance.clip_pixel == 2.0      # sampler=ddpm's default
     model = build_denoiser(cfg)
-    rule = build_variance(cfg.variance, model.schedule, model_id(model.backbone))
-    assert rule.path == res["gamma_path"]
+    mid = model_id(model.backbone)
+    # the optimal trajectory refuses Gamma interpolated between every 50th timestep, naming the command
+    with pytest.raises(GammaMismatch, match=r"has 21 of 1000 .*task.timesteps=all"):
+        build_variance(cfg.variance, model.schedule, mid, all_timesteps=True)
+    strided = build_variance(cfg.variance, model.schedule, mid)              # even steps: interpolation is fine
+    assert strided.path == res["gamma_path"] and not strided.complete
+    with pytest.raises(ValueError, match="needs Gamma estimated at every timestep"):
+        strided.dp_timesteps(6)
+    # the file name keys (model, dataset, M): asking for other timesteps at the same M is not a reuse
+    with pytest.raises(ConfigError, match="holds Gamma at 21 timesteps, not the 1000 task.timesteps asks for"):
+        gamma_task.run(compose(base + ["task=gamma", "task.M=64", "task.timesteps=all", f"task.out_dir={tmp_path}"]))
+    full = gamma_task.run(compose(base + ["task=gamma", "task.M=32", "task.batch_size=32", "task.timesteps=all",
+                                          f"task.out_dir={tmp_path}"]))
+    assert full["n_timesteps"] == 1000
+    assert build_variance(cfg.variance, model.schedule, mid).path == res["gamma_path"]   # largest M
+    rule = build_variance(cfg.variance, model.schedule, mid, all_timesteps=True)        # the complete file first
+    assert rule.path == full["gamma_path"] and rule.complete
     from fewstep.build import explicit_timesteps
 
     x = sample(cfg.sampler, model, torch.randn(100, 2, generator=torch.Generator().manual_seed(0)), None,

@@ -66,11 +66,12 @@ def conditions(cfg, model, indices, device) -> dict:
 def build_variance_rule(cfg, model):
     if cfg.variance.name == "fixed":
         return None
+    from ..samplers import names_analytic_dp
+    from ..strategies.guidance import guidance_key
     from ..strategies.variance import build_variance, model_id
 
-    from ..strategies.guidance import guidance_key
-
-    return build_variance(cfg.variance, model.schedule, model_id(model.backbone), guidance_key(cfg.guidance))
+    return build_variance(cfg.variance, model.schedule, model_id(model.backbone), guidance_key(cfg.guidance),
+                          all_timesteps=names_analytic_dp(cfg.sampler))
 
 
 def build_metrics(cfg, device):

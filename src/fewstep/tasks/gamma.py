@@ -298,6 +298,10 @@ def gamma_rank(dist: Dist, cfg) -> Optional[dict]:
     path = out / gamma_filename(mid, dataset, M, guidance)
     if path.exists() and not tc.overwrite:
         g = load_gamma(path, mid, schedule, guidance=guidance)
+        have = g["timesteps"].numpy()
+        if not np.array_equal(have, np.asarray(s["ts"])):   # the file's name keys (model, dataset, M), not timesteps
+            raise ConfigError(f"{path} holds Gamma at {len(have)} timesteps, not the {len(s['ts'])} task.timesteps asks "
+                              f"for: task.overwrite=true to re-estimate it (or another task.M / task.out_dir)")
         if not lead:
             return None
         print(f"[fewstep] gamma: {path} exists (task.overwrite=true to re-estimate)")

@@ -69,35 +69,45 @@ def validate_variance_cfg(cfg_variance) -> None:
         _data_range(cfg_variance.data_range)
 
 
-def analytic_dpm(schedule: NoiseSchedule, model_id: str, guidance: Optional[dict], *, gamma_path, search_dirs, clip_pixel,
-                 data_range, dataset, backbone, pretrained) -> AnalyticVariance:
+def analytic_dpm(schedule: NoiseSchedule, model_id: str, guidance: Optional[dict], all_timesteps: bool = False, *,
+                 gamma_path, search_dirs, clip_pixel, data_range, dataset, backbone, pretrained) -> AnalyticVariance:
     """variance=analytic (conf/variance/analytic.yaml) -> AnalyticVariance with the model's Gamma.
 
     Gamma comes from gamma_path, else from the best matching gamma_<model_id>_*.safetensors in search_dirs
     (the pretrained folder, then the cache folder); a missing or foreign file is a one-line error naming the
     `python run.py task=gamma ...` command that makes the right one (from dataset, backbone, pretrained).
     guidance (strategies.guidance.guidance_key): the guided eps is another model, so only a Gamma made with
-    the same guidance settings is taken."""
+    the same guidance settings is taken. all_timesteps (sampler.timesteps=analytic_dp): the optimal trajectory
+    needs Gamma at every timestep, so a file estimated at all of them is preferred and a strided one refused
+    (one line naming the command with task.timesteps=all)."""
     clip_pixel = _clip_pixel(clip_pixel)
     data_range = _data_range(data_range)
     command = gamma_command({"dataset": dataset, "backbone": backbone, "pretrained": pretrained})
     path = gamma_path
     if not path:
         dirs = _search_dirs(search_dirs)
-        path = find_gamma(model_id, dirs, dataset, guidance)
+        path = find_gamma(model_id, dirs, dataset, guidance, complete_for=schedule.N if all_timesteps else None)
         if path is None:
             where = ", ".join(dirs) if dirs else "no variance.search_dirs"
             what = "" if guidance is None else f" with guidance {guidance}"
             raise GammaMissing(f"no Gamma file for model {model_id}{what} (searched {where}): estimate it with "
                                f"`{command}` or pass variance.gamma_path=...")
     g = load_gamma(path, model_id, schedule, command, guidance=guidance)
-    return AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
+    rule = AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
                             data_range=data_range, model_id=model_id, path=g["path"])
+    if all_timesteps and not rule.complete:
+        raise GammaMismatch(f"sampler.timesteps=analytic_dp needs Gamma estimated at every timestep; {g['path']} has "
+                            f"{len(rule.timesteps)} of {schedule.N} (the rest interpolated, which the dynamic programme "
+                            f"would exploit): estimate one with `{command} task.timesteps=all`")
+    return rule
 
 
-def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None):
+def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidance: Optional[dict] = None,
+                   all_timesteps: bool = False):
     """A validated cfg.variance (conf/variance/*.yaml, every key set; its `_target_` is analytic_dpm above) ->
-    None for variance=fixed (the sampler's own variance), else the variance rule."""
+    None for variance=fixed (the sampler's own variance), else the variance rule. all_timesteps: the rule will
+    lay out the optimal trajectory (sampler.timesteps=analytic_dp), which needs Gamma at every timestep."""
     from ...config import instantiate
 
-    return instantiate(cfg_variance, schedule=schedule, model_id=model_id, guidance=guidance)
+    kw = {"all_timesteps": True} if all_timesteps else {}
+    return instantiate(cfg_variance, schedule=schedule, model_id=model_id, guidance=guidance, **kw)

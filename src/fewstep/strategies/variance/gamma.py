@@ -219,9 +219,22 @@ def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSch
     return obj
 
 
-def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None, guidance: Optional[dict] = None) -> Optional[Path]:
+def gamma_timesteps_count(path) -> int:
+    """How many timesteps a Gamma file holds (its `timesteps` tensor's length; -1 if it cannot be read)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return int(f.get_slice("timesteps").get_shape()[0])
+    except Exception:   # not a safetensors file: load_gamma refuses it with its own line
+        return -1
+
+
+def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None, guidance: Optional[dict] = None,
+               complete_for: Optional[int] = None) -> Optional[Path]:
     """The Gamma file of model `mid` (and of these guidance settings: see guidance_tag) in the first folder
-    that has one: same dataset first, then largest M.
+    that has one: same dataset first, then largest M. complete_for=N (the optimal trajectory, which needs Gamma
+    at every timestep): files estimated at all N timesteps come before strided ones.
 
     Only when no folder has one, a legacy gamma_<mid>_*.pt (pickle) is returned, for load_gamma to refuse
     with the command that makes a safe one (it is never unpickled).
@@ -241,7 +254,8 @@ def find_gamma(mid: str, dirs: Sequence, dataset: Optional[str] = None, guidance
             def key(f: Path):
                 stem = f.name[len(f"gamma_{mid}_"): -len(suffix) - len(tag) or None]
                 ds, _, m = stem.rpartition("_M")
-                return (ds == dataset, int(m) if m.isdigit() else -1, f.name)
+                complete = complete_for is not None and gamma_timesteps_count(f) == complete_for
+                return (complete, ds == dataset, int(m) if m.isdigit() else -1, f.name)
 
             return max(files, key=key)
     return None
