@@ -114,6 +114,26 @@ def test_analytic_fid_and_composition(table, tmp_path):
         assert verdict.startswith(want)
 
 
+def test_trajectory_and_nll_rows_read_the_bounds(table, tmp_path):
+    even = [dict(sampler="ddpm", steps=k, nll_steps=k, variance="analytic", nll_bpd=b, nll_bpd_se=0.04)
+            for k, b in ((10, 5.5), (50, 4.5))]
+    fixed = [dict(sampler="ddpm", steps=k, nll_steps=k, var_type=v, variance="fixed", nll_bpd=b, nll_bpd_se=0.02)
+             for k, v, b in ((10, "beta", 6.8), (10, "beta_tilde", 98.0), (50, "beta", 5.4), (50, "beta_tilde", 14.6))]
+    sweep(tmp_path, "analytic_nll", fixed)
+    sweep(tmp_path, "analytic_nll_a", even)
+    sweep(tmp_path, "analytic_nll_full", [dict(sampler="ddpm", steps=1000, nll_steps=1000, nll_bpd=3.88, nll_bpd_se=0.04)])
+    sweep(tmp_path, "analytic_nll_dp", [dict(r, nll_bpd=r["nll_bpd"] - d) for r, d in zip(even, (0.9, 0.7))])
+    _, _, measured, verdict = table.row_trajectory(tmp_path)
+    assert verdict.startswith("reproduced") and "K=10: 4.600 vs 5.500 (-0.90 +- 0.06)" in measured
+    _, _, measured, verdict = table.row_analytic_nll(tmp_path)   # analytic below the better fixed (beta) bound
+    assert "K=10: 5.500 vs 6.800 (-1.30 +- 0.04)" in measured
+    assert "1000-step DDPM (beta) bound 3.880 is matched at K = 50 (20x fewer steps)" in measured   # by the DP's 3.8
+    assert verdict.startswith("reproduced")
+    sweep(tmp_path, "analytic_dp", [dict(sampler="ddpm", steps=10, fid=30.0, fid_diff=12.0, fid_diff_se=1.0)])
+    _, _, measured, verdict = table.row_trajectory(tmp_path)
+    assert "FID(DP) - FID(even steps): DDPM K=10: +12.00 +- 1.00 paired" in measured and verdict.startswith("reproduced")
+
+
 def test_a_claim_without_its_sweep_is_not_run(table, tmp_path):
     rows = table.claims(tmp_path, None, [])
     assert len(rows) == 13 and all(r[3] == "not run" for r in rows)

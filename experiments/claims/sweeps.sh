@@ -81,11 +81,17 @@ group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-unifo
     cache.schedule=uniform,nonuniform "metrics.paired_with=$RUNS/deepcache_base/base"
 }
 
-gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept);
-  if [[ -n "${DRY:-}" ]]; then echo "run.py task=gamma task.M=1000 task.timesteps=20"; return; fi
+gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept):
+  # every 20th timestep from 1000 points (the variance rule on even steps, the largest M, found first) and
+  # every timestep from 512 (the optimal trajectory needs them all; sampler.timesteps=analytic_dp takes it)
+  if [[ -n "${DRY:-}" ]]; then printf 'run.py task=gamma task.M=%s\n' "1000 task.timesteps=20" "512 task.timesteps=all"; return; fi
   mkdir -p "$RUNS"  # a lock, so that two PARTs never estimate it at the same time
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} flock "$RUNS/gamma.lock" "$PY" run.py task=gamma logger=none \
-    "backbone.pretrained=$MODEL" task.M=1000 task.timesteps=20
+  local m ts
+  for m_ts in 1000:20 512:all; do
+    m=${m_ts%%:*}; ts=${m_ts#*:}
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} flock "$RUNS/gamma.lock" "$PY" run.py task=gamma logger=none \
+      "backbone.pretrained=$MODEL" "task.M=$m" "task.timesteps=$ts"
+  done
 }
 
 group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 steps, x0 clipped or not
@@ -95,13 +101,16 @@ group_analytic() {  # fixed vs analytic variance, DDPM and DDIM at K = 10..100 s
       sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip"
     run "analytic_clip$clip" "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50,100 "++sampler.clip_x0=$clip" \
       variance=analytic "metrics.paired_with=$RUNS/analytic_base_clip$clip/\${sampler.name}_\${sampler.steps}"
-    if [[ $clip == false ]]; then
-      # the optimal trajectory (the dynamic programme over Gamma's costs) against linspace steps, both analytic
-      # and unclipped (paired with the unclipped fixed-variance base: run before the clipped half)
-      run analytic_dp "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 variance=analytic \
-        sampler.timesteps=analytic_dp "metrics.paired_with=$RUNS/analytic_base_clipfalse/\${sampler.name}_\${sampler.steps}"
-    fi
   done
+}
+
+group_analytic_dp() {  # the optimal trajectory (the dynamic programme over Gamma at every timestep) against even
+  # steps, both analytic and unclipped, paired: the even-step runs are the base
+  gamma
+  base analytic_dp_base '${sampler.name}_${sampler.steps}' "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 \
+    variance=analytic
+  run analytic_dp "n_samples=$N" sampler=ddpm,ddim sampler.steps=10,25,50 variance=analytic \
+    sampler.timesteps=analytic_dp "metrics.paired_with=$RUNS/analytic_dp_base/\${sampler.name}_\${sampler.steps}"
 }
 
 group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta, beta_tilde) vs analytic, and
@@ -134,8 +143,15 @@ group_headline() {  # 5000 samples: the issue's targets (first) and the frontier
   run headline_inception "n_samples=$N_HEAD" metrics=inception sampler=dpmpp sampler.steps=10,20,50
 }
 
+group_headline_unipc() {  # 5000 samples at 10 NFE, paired with DPM-Solver++(2M) on the same noise: does
+  # Skip-Tuning's gain on UniPC (the 500-sample rows) take it past the frontier's best sampler?
+  base headline_unipc_base '${sampler.name}' "n_samples=$N_HEAD" sampler=dpmpp sampler.steps=10
+  run headline_unipc "n_samples=$N_HEAD" sampler=diffusers sampler.scheduler=UniPCMultistepScheduler sampler.steps=10 \
+    skip.rho_bottom=1,0.9,0.8 "metrics.paired_with=$RUNS/headline_unipc_base/dpmpp"
+}
+
 ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache analytic
-        analytic_nll compose guidance headline)
+        analytic_dp analytic_nll compose guidance headline headline_unipc)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
 part=${PART:-0/1}; k=${part%/*}; of=${part#*/}
 i=0
