@@ -189,7 +189,7 @@ def test_residual_norms_are_branch_over_stream(dit):
     finally:
         for h in handles:
             h.remove()
-    rows = measure_skip_norms(a, lambda: a(x, t, class_labels=y), {"plain": []}, hooks="residual_hooks",
+    rows = measure_skip_norms(a, lambda callback: a(x, t, class_labels=y), {"plain": []}, hooks="residual_hooks",
                               infos="residuals")
     assert [r["depth"] for r in rows] == list(range(2 * a.num_blocks)) and {r["step"] for r in rows} == {0}
     for b in range(a.num_blocks):

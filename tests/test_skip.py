@@ -224,10 +224,13 @@ def test_skip_norms_core(adapter, tmp_path):
     ts = [900.0, 500.0, 100.0]
     x0 = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
 
-    def sample_fn():  # a tiny deterministic sampler: 3 evaluations
+    def sample_fn(callback):  # a tiny deterministic sampler: 3 evaluations in 2 steps (a Heun-like second call)
         x = x0.clone()
-        for t in ts:
-            x = x - 0.1 * adapter(x, torch.full((3,), t))
+        for e, t in enumerate(ts):
+            eps = adapter(x, torch.full((3,), t))
+            if e != 1:                          # evaluation 1 corrects step 0: no callback of its own
+                callback(0 if e == 0 else 1, t, x, x - eps)
+            x = x - 0.1 * eps
         return x
 
     variants = {"plain": [], "linear": build_skip(group("skip", "linear", rho_bottom=0.5), adapter)}
@@ -238,6 +241,7 @@ def test_skip_norms_core(adapter, tmp_path):
     assert keys == {(v, s, i) for v in variants for s in range(len(ts)) for i in range(adapter.num_skips)}
     assert all(math.isfinite(r["prop"]) and r["prop"] > 0 for r in rows)
     assert {(r["step"], r["t"]) for r in rows} == set(enumerate(ts))
+    assert {(r["step"], r["sampler_step"]) for r in rows} == {(0, 0), (1, 0), (2, 1)}
     assert all(r["level"] == adapter.skips[r["depth"]].level for r in rows)
     # step 0, depth 0: same input, u comes from the mid block, d is halved -> prop exactly halves
     p = {(r["variant"], r["step"], r["depth"]): r["prop"] for r in rows}
@@ -246,7 +250,7 @@ def test_skip_norms_core(adapter, tmp_path):
     csv_path, png_path = write_skip_norms(rows, str(tmp_path))
     with open(csv_path) as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["variant", "step", "t", "depth", "level", "prop"] and len(table) == len(rows)
+    assert list(table[0]) == ["variant", "step", "sampler_step", "t", "depth", "level", "prop"] and len(table) == len(rows)
     assert (tmp_path / "skip_norms.png").stat().st_size > 0
     summary = summarize(rows)
     assert summary["nfe/plain"] == 3 and summary["prop/linear/i0"] < summary["prop/plain/i0"]
@@ -285,3 +289,13 @@ def test_skip_norms_task_end_to_end(tmp_path):
     assert len(table) == 2 * 2 * n_skips and {r["variant"] for r in table} == {"plain", "linear"}
     assert result["nfe/plain"] == 2 and result["prop/linear/i0"] < result["prop/plain/i0"]
     assert (tmp_path / "skip_norms.png").exists() and (tmp_path / "metrics.json").exists()
+    assert [int(r["sampler_step"]) for r in table if r["variant"] == "plain" and r["depth"] == "0"] == [0, 1]
+    # Heun, 3 steps = 5 evaluations: each step's correction is labelled with the step it corrects
+    with initialize_config_dir(config_dir=repo_path("conf"), version_base=None):
+        cfg = compose("config", overrides=[o if o != "sampler=ddim" else "sampler=heun" for o in overrides
+                                           if o != "sampler.steps=2"] + ["sampler.steps=3"])
+    skip_norms.run(cfg, out_dir=str(tmp_path / "heun"))
+    with open(tmp_path / "heun" / "skip_norms.csv") as f:
+        plain = [r for r in csv.DictReader(f) if r["variant"] == "plain" and r["depth"] == "0"]
+    assert [int(r["step"]) for r in plain] == [0, 1, 2, 3, 4]
+    assert [int(r["sampler_step"]) for r in plain] == [0, 0, 1, 1, 2]

@@ -20,7 +20,9 @@ into the run folder
     metrics.json     prop/<variant>/i<depth> (average over evaluations), nfe/<variant>
 
 `step` counts network evaluations (a Heun step has two); `t` is the model timestep of that
-evaluation. With a cache strategy (DeepCache) a partial evaluation only recomputes the shallow
+evaluation; `sampler_step` is the sampler's step i it belongs to, from the samplers' per-step
+`callback(i, t, x, x0)` (called after a step's first evaluation: the evaluation just made opens step i,
+and any evaluation after it before the next callback, Heun's correction, belongs to step i too). With a cache strategy (DeepCache) a partial evaluation only recomputes the shallow
 skips, so only those are recorded for it. Usage:
 
     python run.py task=skip_norms sampler=ddim sampler.steps=10 skip.rho_bottom=0.7
@@ -47,7 +49,7 @@ from ..fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("variant", "step", "t", "depth", "level", "prop")
+COLUMNS = ("variant", "step", "sampler_step", "t", "depth", "level", "prop")
 
 
 class SkipNormRecorder:
@@ -61,6 +63,20 @@ class SkipNormRecorder:
         self.records = []  # (step, t, depth, prop) with t and prop 0-dim tensors (no sync while sampling)
         self.step = -1
         self._last = None
+        self.opens = {}    # evaluation -> the sampler step it opens (from `callback`)
+
+    def callback(self, i: int, t, x, x0):
+        """The samplers' per-step callback: the evaluation just recorded is the first of sampler step i."""
+        self.opens[self.step] = int(i)
+
+    def sampler_steps(self) -> dict:
+        """evaluation -> sampler step: each evaluation belongs to the step the last callback before it opened
+        (None where no callback was called)."""
+        out, cur = {}, None
+        for e in range(self.step + 1):
+            cur = self.opens.get(e, cur)
+            out[e] = cur
+        return out
 
     def __call__(self, i: int, d: torch.Tensor, u: torch.Tensor, t: torch.Tensor):
         if self._last is None or i <= self._last:
@@ -72,13 +88,15 @@ class SkipNormRecorder:
         return d, u
 
     def rows(self, variant: str, skips) -> List[dict]:
-        return [dict(variant=variant, step=s, t=float(t), depth=i, level=skips[i].level, prop=float(p))
-                for s, t, i, p in self.records]
+        of = self.sampler_steps()
+        return [dict(variant=variant, step=s, sampler_step=of.get(s), t=float(t), depth=i, level=skips[i].level,
+                     prop=float(p)) for s, t, i, p in self.records]
 
 
-def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[str, Sequence],
+def measure_skip_norms(adapter, sample_fn: Callable[[Callable], object], variants: Dict[str, Sequence],
                        hooks: str = "skip_hooks", infos: str = "skips") -> List[dict]:
-    """Run `sample_fn()` once per variant with adapter.<hooks> = variant hooks + a recorder.
+    """Run `sample_fn(callback)` once per variant with adapter.<hooks> = variant hooks + a recorder, the
+    recorder's `callback` handed to the sampler (it labels each evaluation with its sampler step).
 
     `variants` maps a label to its list of strategy hooks ([] = plain network). The adapter's
     own hooks are restored afterwards. Returns the rows of skip_norms.csv. hooks="residual_hooks",
@@ -95,7 +113,7 @@ def measure_skip_norms(adapter, sample_fn: Callable[[], object], variants: Dict[
             recorder = SkipNormRecorder()
             setattr(adapter, hooks, list(variant) + [recorder])
             with torch.no_grad():
-                sample_fn()
+                sample_fn(recorder.callback)
             rows += recorder.rows(label, getattr(adapter, infos))
     finally:
         setattr(adapter, hooks, saved)
@@ -215,13 +233,13 @@ def _measure(cfg, out: Path, hashed) -> dict:
     adapter = model.backbone
     strategy = list(getattr(adapter, hooks))  # what build_denoiser installed from cfg.skip
 
-    def sample_fn():
+    def sample_fn(callback):
         noise = SampleNoise(int(cfg.seed), range(batch_size), shape, device=device)
         z = noise()
         model.reset()
         if model.cache is not None and hasattr(model.cache, "plan"):
             model.cache.plan(planned_nfe(cfg.sampler, model.schedule, ts))
-        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts,
+        return sample(cfg.sampler, model, z, noise, model.schedule, variance=variance, timesteps=ts, callback=callback,
                       extra_args=conditions(cfg, model, range(batch_size), device))   # a conditional network's labels
 
     variants = {"plain": []}
