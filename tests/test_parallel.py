@@ -106,13 +106,21 @@ def test_slurm_launcher_config_composes_only_when_selected():
 
 
 def test_spawned_ranks_return_a_large_result(tmp_path):
-    """Rank 0's return value reaches the parent whatever its size (a pipe would block past 64 kB)."""
+    """Rank 0's return value reaches the parent whatever its size (a pipe would block past 64 kB), and
+    every spawned rank has torn its process group down before it exits (a gloo group left to interpreter
+    shutdown can abort the rank with SIGABRT)."""
     script = tmp_path / "big.py"
     script.write_text(
+        "import atexit\n"
         "import torch\n"
+        "import torch.distributed as tdist\n"
         "from omegaconf import OmegaConf\n"
         "from fewstep.parallel import run_parallel\n\n\n"
+        "def record(rank):\n"
+        "    with open(f'group_at_exit_{rank}.txt', 'w') as f:\n"
+        "        f.write(str(tdist.is_initialized()))\n\n\n"
         "def big(dist):\n"
+        "    atexit.register(record, dist.rank)\n"
         "    return {'rank': dist.rank, 'world': dist.world, 'x': torch.arange(500_000, dtype=torch.float32)}  # 2 MB\n\n\n"
         "if __name__ == '__main__':\n"
         "    cfg = OmegaConf.create({'accelerator': 'cpu', 'devices': 2, 'num_nodes': 1, 'strategy': 'ddp'})\n"
@@ -123,3 +131,4 @@ def test_spawned_ranks_return_a_large_result(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0 and "returned 500000" in p.stdout, p.stderr[-2000:]
+    assert [(tmp_path / f"group_at_exit_{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

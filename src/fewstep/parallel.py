@@ -114,6 +114,20 @@ def make_fabric(cfg_trainer):
     return fabric, bool(env is not None and env.creates_processes_externally)
 
 
+def _close_process_group() -> None:
+    """Wait for every rank, then tear the process group down while the interpreter is still whole.
+
+    A gloo group left to interpreter shutdown can abort its process ("terminate called without an
+    active exception", SIGABRT): its worker threads still hold work objects whose destruction needs
+    the interpreter being torn down. A spawned rank is about to exit, so nothing needs the group after fn.
+    """
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def _spawned_entry(fabric, out_file: str, fn, *args) -> bool:
     # Fabric hands rank 0's return value to the parent through a pipe that the parent reads only after
     # every rank has exited: anything over the pipe's buffer (64 kB: a grid of 28 x 28 images) would block
@@ -121,6 +135,7 @@ def _spawned_entry(fabric, out_file: str, fn, *args) -> bool:
     # tensor data; sending tensors themselves would share them through file descriptors of this process,
     # which is gone by the time the parent reads) and the pipe only carries whether it did.
     result = fn(Dist.from_fabric(fabric), *args)
+    _close_process_group()
     if fabric.global_rank != 0:
         return False
     with atomic_path(out_file) as tmp, open(tmp, "wb") as f:
