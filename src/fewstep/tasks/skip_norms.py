@@ -22,8 +22,9 @@ into the run folder
 `step` counts network evaluations (a Heun step has two); `t` is the model timestep of that
 evaluation; `sampler_step` is the sampler's step i it belongs to, from the samplers' per-step
 `callback(i, t, x, x0)` (called after a step's first evaluation: the evaluation just made opens step i,
-and any evaluation after it before the next callback, Heun's correction, belongs to step i too). With a cache strategy (DeepCache) a partial evaluation only recomputes the shallow
-skips, so only those are recorded for it. Usage:
+and any evaluation after it before the next callback, Heun's correction, belongs to step i too). With a
+cache strategy (DeepCache) a partial evaluation only recomputes the shallow skips, so only those are
+recorded for it. Usage:
 
     python run.py task=skip_norms sampler=ddim sampler.steps=10 skip.rho_bottom=0.7
 

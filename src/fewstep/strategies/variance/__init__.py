@@ -95,10 +95,8 @@ def analytic_dpm(schedule: NoiseSchedule, model_id: str, guidance: Optional[dict
     g = load_gamma(path, model_id, schedule, command, guidance=guidance)
     rule = AnalyticVariance(schedule, g["gamma"].numpy(), g["timesteps"].numpy(), clip_pixel=clip_pixel,
                             data_range=data_range, model_id=model_id, path=g["path"])
-    if all_timesteps and not rule.complete:
-        raise GammaMismatch(f"sampler.timesteps=analytic_dp needs Gamma estimated at every timestep; {g['path']} has "
-                            f"{len(rule.timesteps)} of {schedule.N} (the rest interpolated, which the dynamic programme "
-                            f"would exploit): estimate one with `{command} task.timesteps=all`")
+    if all_timesteps:
+        rule.require_complete(command)
     return rule
 
 
@@ -109,5 +107,4 @@ def build_variance(cfg_variance, schedule: NoiseSchedule, model_id: str, guidanc
     lay out the optimal trajectory (sampler.timesteps=analytic_dp), which needs Gamma at every timestep."""
     from ...config import instantiate
 
-    kw = {"all_timesteps": True} if all_timesteps else {}
-    return instantiate(cfg_variance, schedule=schedule, model_id=model_id, guidance=guidance, **kw)
+    return instantiate(cfg_variance, schedule=schedule, model_id=model_id, guidance=guidance, all_timesteps=all_timesteps)

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from ...schedule import NoiseSchedule
+from .gamma import GammaMismatch
 from .trajectory import dp_trajectory
 
 
@@ -116,17 +117,22 @@ class AnalyticVariance:
         """Whether Gamma was estimated at every timestep 0..N-1 (no interpolation)."""
         return len(self.timesteps) == self.schedule.N and bool(np.all(self.timesteps == np.arange(self.schedule.N)))
 
+    def require_complete(self, command: str = "python run.py task=gamma") -> None:
+        """Refuse (GammaMismatch, one line naming `command` with task.timesteps=all) a Gamma that was not
+        estimated at every timestep: the optimal trajectory needs all of them (see dp_timesteps)."""
+        if not self.complete:
+            raise GammaMismatch(f"sampler.timesteps=analytic_dp needs Gamma estimated at every timestep; "
+                                f"{self.path or 'this Gamma'} has {len(self.timesteps)} of {self.schedule.N} (the rest "
+                                f"interpolated, which the dynamic programme would exploit): estimate one with "
+                                f"`{command} task.timesteps=all`")
+
     def dp_timesteps(self, K: int) -> np.ndarray:
         """Decreasing K model timesteps from N-1 to 0 minimising the Analytic-DPM bound (see dp_trajectory).
 
         Needs Gamma estimated at every timestep: the programme picks jumps by log(1 - beta_{t|s} Gamma_t / bb_t),
         and on interpolated values it follows the interpolation's error (at small t, where Gamma rises
         steeply, and near Gamma = 1) to trajectories whose true bound is worse than even steps."""
-        if not self.complete:
-            raise ValueError(f"sampler.timesteps=analytic_dp needs Gamma estimated at every timestep, and "
-                             f"{self.path or 'this Gamma'} has {len(self.timesteps)} of {self.schedule.N} (the rest "
-                             f"interpolated, which the dynamic programme would exploit): estimate one with "
-                             f"task.timesteps=all")
+        self.require_complete()
         return dp_trajectory(self.gamma_full(), self.schedule, K)
 
     def __repr__(self):
