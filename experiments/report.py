@@ -8,6 +8,7 @@
     python experiments/report.py plot    multirun/rho_sweep_* --x rho_bottom --y fid --hue sampler nfe --out experiments/figures/rho_sweep.png
     python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
+    python experiments/report.py interaction multirun/f_base multirun/f --factors rho_bottom cache --out f.json
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
     python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
     python experiments/report.py denoise experiments/data/denoise_loss      (task=denoise_loss sweeps over rho)
@@ -303,6 +304,65 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
         print(f"| {f.parent.name} | {float(runs[i]['fid']):.2f} | {fid_se(i):.2f} | {d:+.2f} | {dse:.2f} |")
 
 
+def interaction(dirs, factors, out=None, n_boot: int = 200) -> dict:
+    """The interaction of a 2^k factorial of runs made with save_features=true on the same noise.
+
+    The first run of the first folder is the base (every factor off); a factor is on in a run whose column
+    differs from the base's. Prints, with standard errors from one bootstrap that resamples the sample indices
+    of every run jointly (fid_contrast): each factor alone minus the base, all on minus the base, and the
+    interaction FID(all) - FID(base) - sum_i (FID(i alone) - FID(base)), which is 0 when the effects add up.
+    out: also write them as JSON, the small result the claims table reads (the features stay behind)."""
+    import torch
+
+    from fewstep.fileio import write_json_atomic
+    from fewstep.metrics.fid import RefStats, fid_contrast
+
+    torch.set_num_threads(1)                    # as in fid_diff: hundreds of small eigendecompositions
+    df = load(dirs)
+    missing = [f for f in factors if f not in df.columns]
+    if missing:
+        raise SystemExit(f"interaction: no column {', '.join(missing)} in the runs")
+    level = {f: [("none" if pd.isna(v) else fmt(v) if isinstance(v, float) else str(v)) for v in df[f]] for f in factors}
+    cells = {}                                  # factors on -> the first run with them (a base duplicate comes later)
+    for i in range(len(df)):
+        cells.setdefault(tuple(level[f][i] != level[f][0] for f in factors), i)
+    k = len(factors)
+    want = [(False,) * k] + [tuple(i == j for j in range(k)) for i in range(k)] + [(True,) * k]
+    absent = [" + ".join(f for f, on in zip(factors, w) if on) or "none" for w in want if w not in cells]
+    if absent:
+        raise SystemExit(f"interaction: no run with only {'; '.join(absent)} on")
+    rows = [cells[w] for w in want]
+    files = [_features(Path(df["job_dir"].iloc[i]))[0] for i in rows]
+    runs = [np.load(f) for f in files]
+    refs = {str(r["ref_stats"]) for r in runs}
+    if len(refs) > 1:
+        raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
+    ref = RefStats.load(refs.pop())
+    feats = [torch.from_numpy(r["features"]) for r in runs]
+
+    def contrast(weights):
+        return list(fid_contrast(feats, weights, ref.mu, ref.cov, n_boot))
+
+    single = {f: contrast([-1.0] + [float(i == j) for j in range(k)] + [0.0]) for i, f in enumerate(factors)}
+    result = {"factors": list(factors), "off": {f: level[f][0] for f in factors},
+              "on": {f: level[f][rows[1 + i]] for i, f in enumerate(factors)},
+              "runs": [Path(df["job_dir"].iloc[i]).name for i in rows], "fid_base": float(runs[0]["fid"]),
+              "single": single, "all": contrast([-1.0] + [0.0] * k + [1.0]),
+              "sum_of_singles": sum(v[0] for v in single.values()),
+              "interaction": contrast([k - 1.0] + [-1.0] * k + [1.0]),
+              "n_samples": int(len(feats[0])), "n_boot": int(n_boot), "cells": len(cells)}
+    print(f"| on (base FID {result['fid_base']:.2f}) | FID - base | paired s.e. |")
+    print("|---|---|---|")
+    for f, (d, se) in single.items():
+        print(f"| {f} = {result['on'][f]} | {d:+.2f} | {se:.2f} |")
+    print(f"| all {k} | {result['all'][0]:+.2f} | {result['all'][1]:.2f} |")
+    print(f"| all minus the sum of the singles ({result['sum_of_singles']:+.2f}) | {result['interaction'][0]:+.2f} | "
+          f"{result['interaction'][1]:.2f} |")
+    if out:
+        write_json_atomic(Path(out), result)
+    return result
+
+
 ARCHIVED = ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")   # per job (a folder with metrics.json)
 ARCHIVE_MAX_BYTES = 256 * 1024    # per file: the result files are KBs; anything larger is not one of them
 
@@ -541,7 +601,8 @@ def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "archive", "frontier", "denoise"])
+    p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "interaction", "archive",
+                                       "frontier", "denoise"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -552,7 +613,9 @@ def main():
     p.add_argument("--y", nargs="+", default=["fid"], help="plot: y column(s), one panel each")
     p.add_argument("--hue", nargs="*", default=[], help="plot: one line per value of these columns")
     p.add_argument("--logx", action="store_true")
-    p.add_argument("--out", default=None, help="plot, frontier: the png to write")
+    p.add_argument("--out", default=None, help="plot, frontier: the png to write; interaction: the JSON to write")
+    p.add_argument("--factors", nargs="+", default=["rho_bottom", "cache", "variance", "guidance"],
+                   help="interaction: the columns that switch the factors (the first run has them all off)")
     p.add_argument("--pairs", action="store_true", help="fid_diff: folders two at a time, each run against its base")
     p.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keep rows whose column KEY prints as VALUE (e.g. timesteps=linspace endpoint=True)")
@@ -561,6 +624,9 @@ def main():
         return nll_table(a.dirs)
     if a.mode == "fid_diff":
         return fid_diff(a.dirs, pairs=a.pairs)
+    if a.mode == "interaction":
+        interaction(a.dirs, a.factors, a.out)
+        return
     if a.mode == "archive":
         if len(a.dirs) != 2:
             raise SystemExit("archive takes a sweep (or run) folder and the folder to copy its result files to")

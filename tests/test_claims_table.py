@@ -114,6 +114,22 @@ def test_analytic_fid_and_composition(table, tmp_path):
         assert verdict.startswith(want)
 
 
+
+def test_composition_with_guidance_reads_the_joint_bootstrap(table, tmp_path):
+    with pytest.raises(table.Missing):
+        table.row_compose_guided(tmp_path)
+    res = {"factors": ["rho_bottom", "cache", "variance", "guidance"], "n_samples": 500, "fid_base": 5.0,
+           "on": {"rho_bottom": "0.800", "cache": "deepcache", "variance": "analytic", "guidance": "cfg"},
+           "single": {"rho_bottom": [-1.0, 0.2], "cache": [2.0, 0.3], "variance": [0.5, 0.2], "guidance": [1.0, 0.2]},
+           "all": [4.0, 0.5], "sum_of_singles": 2.5}
+    for inter, want in (([1.5, 0.4], "not reproduced (less than additive)"), ([0.3, 0.7], "not reproduced (inconclusive"),
+                        ([0.1, 0.2], "reproduced")):
+        (tmp_path / "compose_guided_interaction.json").write_text(json.dumps(dict(res, interaction=inter)))
+        _, _, measured, verdict = table.row_compose_guided(tmp_path)
+        assert "rho_bottom 0.800 -1.00 +- 0.20" in measured and "CFG w = 1.5 +1.00 +- 0.20" in measured
+        assert f"all minus that sum {inter[0]:+.2f} +- {inter[1]:.2f} (joint paired bootstrap)" in measured
+        assert verdict.startswith(want), verdict
+
 def test_trajectory_and_nll_rows_read_the_bounds(table, tmp_path):
     even = [dict(sampler="ddpm", steps=k, nll_steps=k, variance="analytic", nll_bpd=b, nll_bpd_se=0.04)
             for k, b in ((10, 5.5), (50, 4.5))]
@@ -136,7 +152,7 @@ def test_trajectory_and_nll_rows_read_the_bounds(table, tmp_path):
 
 def test_a_claim_without_its_sweep_is_not_run(table, tmp_path):
     rows = table.claims(tmp_path, None, [])
-    assert len(rows) == 13 and all(r[3] == "not run" for r in rows)
+    assert len(rows) == 14 and all(r[3] == "not run" for r in rows)
     assert rows[0][2] == "not run (no skip_* in the data)"
 
 

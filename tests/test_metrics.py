@@ -351,6 +351,13 @@ def test_paired_fid_difference_cancels_the_shared_noise():
     assert se == pytest.approx(float(np.std(truth, ddof=1)), rel=0.3)
     with pytest.raises(ValueError, match="same samples"):
         paired_fid_difference(a, b[:-1], mu_ref, cov_ref)
+    # a contrast of three runs: its value is the same combination of their FIDs, its bootstrap shares the rows
+    from fewstep.metrics import fid_contrast
+    c = a + 0.1
+    value, c_se = fid_contrast([a, b, c], [1.0, -2.0, 1.0], mu_ref, cov_ref, n_boot=200)
+    assert value == pytest.approx(fd(a) - 2 * fd(b) + fd(c), rel=1e-12) and 0 < c_se < 2 * se
+    with pytest.raises(ValueError, match="one weight per run"):
+        fid_contrast([a, b], [1.0], mu_ref, cov_ref)
 
 
 def test_paired_with_records_the_paired_fid_difference_to_a_base_run(tmp_path, monkeypatch):

@@ -396,6 +396,50 @@ def test_fid_diff_pairs_each_run_with_its_own_base(report, tmp_path, capsys):
         run(report, capsys, "fid_diff", "--pairs", str(tmp_path), str(tmp_path / "a0"))
 
 
+def test_interaction_of_a_factorial_bootstraps_its_contrasts_jointly(report, tmp_path, capsys):
+    """Against N(0, I) the FID of s z + m is d ((s - 1)^2 + m^2) up to sampling noise: a scale and a shift add
+    up, so the interaction of a 2 x 2 factorial (scale 1.2 -> 1.4, shift 0 -> 0.3) is near 0, and its joint
+    bootstrap s.e. is below the bound the sum of the three contrasts' s.e. would give."""
+    import json
+
+    from fewstep.metrics.fid import FrechetToReference, RefStats
+
+    g = np.random.default_rng(2)
+    ref = RefStats(mu=np.zeros(3), cov=np.eye(3), n=10000, pr_features=np.zeros((2, 3)))
+    ref_path = ref.save(tmp_path / "ref.npz")
+    fd = FrechetToReference(ref.mu, ref.cov)
+    z = g.normal(size=(600, 3))
+    cells = {("1.0", None): 1.2 * z, ("0.8", None): 1.4 * z, ("1.0", "deepcache"): 1.2 * z + 0.3,
+             ("0.8", "deepcache"): 1.4 * z + 0.3}
+    rows = []
+    for i, ((rho, cache), x) in enumerate(cells.items()):
+        (tmp_path / "f" / str(i)).mkdir(parents=True)
+        np.savez(tmp_path / "f" / str(i) / "features.npz", features=x.astype(np.float32),
+                 ref_stats=np.array(str(ref_path)), fid=np.float64(fd(torch.from_numpy(x))))
+        rows.append({"job": str(i), "rho_bottom": float(rho), "cache": cache, "fid": 0.0})
+    write_sweep(tmp_path / "f_sweep", rows)
+    for r in rows:                                  # the job folders next to the summary
+        (tmp_path / "f" / r["job"]).rename(tmp_path / "f_sweep" / r["job"])
+    out = run(report, capsys, "interaction", str(tmp_path / "f_sweep"), "--factors", "rho_bottom", "cache",
+              "--out", str(tmp_path / "i.json"))
+    res = json.loads((tmp_path / "i.json").read_text())
+    fid = {k: fd(torch.from_numpy(x.astype(np.float32))) for k, x in cells.items()}
+    base = fid[("1.0", None)]
+    assert res["on"] == {"rho_bottom": report.fmt(0.8), "cache": "deepcache"}
+    assert res["off"] == {"rho_bottom": report.fmt(1.0), "cache": "none"}
+    assert res["single"]["rho_bottom"][0] == pytest.approx(fid[("0.8", None)] - base, rel=1e-9)
+    assert res["single"]["cache"][0] == pytest.approx(fid[("1.0", "deepcache")] - base, rel=1e-9)
+    assert res["all"][0] == pytest.approx(fid[("0.8", "deepcache")] - base, rel=1e-9)
+    inter, inter_se = res["interaction"]
+    assert inter == pytest.approx(res["all"][0] - res["sum_of_singles"], abs=1e-9)
+    assert abs(inter) < 3 * inter_se < 0.1 * abs(res["sum_of_singles"])
+    assert inter_se < res["single"]["rho_bottom"][1] + res["single"]["cache"][1] + res["all"][1]
+    assert "| all minus the sum of the singles" in out
+    (tmp_path / "f_sweep" / "summary.csv").write_text(pd.DataFrame(rows[:3]).to_csv(index=False))
+    with pytest.raises(SystemExit, match="no run with only rho_bottom \\+ cache on"):
+        run(report, capsys, "interaction", str(tmp_path / "f_sweep"), "--factors", "rho_bottom", "cache")
+
+
 def fake_sweep(root: Path) -> Path:
     """A sweep folder as run.py -m leaves it: result files, and the big or local files an archive leaves out."""
     import json

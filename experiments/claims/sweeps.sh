@@ -81,16 +81,19 @@ group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-unifo
     cache.schedule=uniform,nonuniform "metrics.paired_with=$RUNS/deepcache_base/base"
 }
 
-gamma() {  # Analytic-DPM's Gamma for this model, written into its folder once (an existing file is kept):
-  # every 20th timestep from 1000 points (the variance rule on even steps, the largest M, found first) and
-  # every timestep from 512 (the optimal trajectory needs them all; sampler.timesteps=analytic_dp takes it)
-  if [[ -n "${DRY:-}" ]]; then printf 'run.py task=gamma task.M=%s\n' "1000 task.timesteps=20" "512 task.timesteps=all"; return; fi
-  mkdir -p "$RUNS"  # a lock, so that two PARTs never estimate it at the same time
-  local m ts
-  for m_ts in 1000:20 512:all; do
+gamma() {  # gamma [overrides...]: Analytic-DPM's Gamma for this model, written into its folder once (an
+  # existing file is kept): every 20th timestep from 1000 points (the variance rule on even steps, the largest
+  # M, found first) and, unless GAMMA_ALL=0, every timestep from 512 (the optimal trajectory needs them all;
+  # sampler.timesteps=analytic_dp takes it). The overrides select the model's kind and guidance (a guided eps
+  # has its own Gamma).
+  local sets="1000:20" m_ts m ts
+  [[ "${GAMMA_ALL:-1}" == 0 ]] || sets="$sets 512:all"
+  for m_ts in $sets; do
     m=${m_ts%%:*}; ts=${m_ts#*:}
+    if [[ -n "${DRY:-}" ]]; then printf 'run.py task=gamma task.M=%s task.timesteps=%s' "$m" "$ts"; (( $# )) && printf ' %q' "$@"; printf '\n'; continue; fi
+    mkdir -p "$RUNS"  # a lock, so that two PARTs never estimate it at the same time
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} flock "$RUNS/gamma.lock" "$PY" run.py task=gamma logger=none \
-      "backbone.pretrained=$MODEL" "task.M=$m" "task.timesteps=$ts"
+      "backbone.pretrained=$MODEL" "task.M=$m" "task.timesteps=$ts" "$@"
   done
 }
 
@@ -131,6 +134,23 @@ group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each
     cache=deepcache cache.interval=2 "$pair"
 }
 
+group_compose_guided() {  # the class-conditional model, DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM x
+  # guidance (CFG at the default w = 1.5 against the conditional model alone), the full 2^4 factorial paired
+  # with all off; every job keeps its features, so report.py interaction bootstraps the interaction jointly
+  local cond=(backbone=unet_cond sampler=ddim sampler.steps=20) pair="metrics.paired_with=$RUNS/compose_guided_base/base"
+  MODEL=$MODEL_COND GAMMA_ALL=0 gamma backbone=unet_cond guidance=none
+  MODEL=$MODEL_COND GAMMA_ALL=0 gamma backbone=unet_cond guidance=cfg
+  MODEL=$MODEL_COND base compose_guided_base base "n_samples=$N" "${cond[@]}"
+  MODEL=$MODEL_COND run compose_guided "n_samples=$N" "${cond[@]}" save_features=true skip.rho_bottom=1.0,0.8 \
+    variance=fixed,analytic guidance=none,cfg "$pair"
+  MODEL=$MODEL_COND run compose_guided_cache "n_samples=$N" "${cond[@]}" save_features=true skip.rho_bottom=1.0,0.8 \
+    variance=fixed,analytic guidance=none,cfg cache=deepcache cache.interval=2 "$pair"
+  if [[ -z "${DRY:-}" ]]; then
+    "$PY" experiments/report.py interaction "$RUNS/compose_guided_base" "$RUNS/compose_guided" \
+      "$RUNS/compose_guided_cache" --out "$DATA/compose_guided_interaction.json"
+  fi
+}
+
 group_guidance() {  # the class-conditional model: guidance everywhere, then only in t in [100, 700], paired per w
   MODEL=$MODEL_COND base guidance_base 'w${guidance.scale}' experiment=guidance_sweep
   MODEL=$MODEL_COND run guidance_interval experiment=guidance_sweep 'guidance.interval=[100,700]' \
@@ -151,7 +171,7 @@ group_headline_unipc() {  # 5000 samples at 10 NFE, paired with DPM-Solver++(2M)
 }
 
 ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache analytic
-        analytic_dp analytic_nll compose guidance headline headline_unipc)
+        analytic_dp analytic_nll compose compose_guided guidance headline headline_unipc)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
 part=${PART:-0/1}; k=${part%/*}; of=${part#*/}
 i=0

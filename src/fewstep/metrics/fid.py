@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -122,13 +122,26 @@ def paired_fid_difference(feats_a: torch.Tensor, feats_b: torch.Tensor, mu_ref, 
     """FID(a) - FID(b) and its standard error for two runs whose row i comes from the same sample index (the
     same initial noise): the bootstrap resamples the indices jointly, so the noise the two runs share
     cancels, and differences far below sqrt(2) x fid_se become measurable. -> (difference, stderr)."""
-    if feats_a.shape != feats_b.shape:
-        raise ValueError(f"paired runs need the same samples: feature rows {tuple(feats_a.shape)} vs "
-                         f"{tuple(feats_b.shape)}")
+    return fid_contrast([feats_a, feats_b], [1.0, -1.0], mu_ref, cov_ref, n_boot, seed)
+
+
+def fid_contrast(feats: Sequence[torch.Tensor], weights: Sequence[float], mu_ref, cov_ref, n_boot: int = 200,
+                 seed: int = 0):
+    """sum_j weights[j] FID(feats[j]) and its standard error, for runs whose row i comes from the same sample
+    index (the same initial noise): every bootstrap resample takes the same rows of every run, so the noise
+    the runs share cancels in the combination as it does in a paired difference (weights 1, -1). With weights
+    that sum to 0 it measures an effect, e.g. the interaction of a 2^k factorial: FID(all on) - FID(all off)
+    - sum_i (FID(only i on) - FID(all off)), 0 when the effects add up. -> (value, stderr)."""
+    if not feats or len(feats) != len(weights):
+        raise ValueError(f"fid_contrast needs one weight per run (got {len(feats)} runs, {len(weights)} weights)")
+    shapes = [tuple(f.shape) for f in feats]
+    if len(set(shapes)) > 1:
+        raise ValueError(f"paired runs need the same samples: feature rows {' vs '.join(map(str, shapes))}")
     fd = FrechetToReference(mu_ref, cov_ref)
-    diff = fd(feats_a) - fd(feats_b)
-    reps = _bootstrap(fd, n_boot, seed, feats_a, feats_b)
-    return float(diff), float(np.std(reps[:, 0] - reps[:, 1], ddof=1))
+    w = np.asarray(weights, dtype=np.float64)
+    value = float(np.dot(w, [fd(f) for f in feats]))
+    reps = _bootstrap(fd, n_boot, seed, *feats) @ w
+    return value, float(np.std(reps, ddof=1))
 
 
 def _bootstrap(fd: FrechetToReference, n_boot: int, seed: int, *feats: torch.Tensor) -> np.ndarray:
