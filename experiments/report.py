@@ -9,6 +9,7 @@
     python experiments/report.py fid_diff multirun/a/0_base multirun/a/1_rho09   (runs made with save_features=true)
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
     python experiments/report.py interaction multirun/f_base multirun/f --factors rho_bottom cache --out f.json
+    python experiments/report.py interaction f.json              (the table of a written result, again)
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
     python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
     python experiments/report.py denoise experiments/data/denoise_loss      (task=denoise_loss sweeps over rho)
@@ -255,6 +256,19 @@ def _features(d: Path):
     return found
 
 
+def _load_features(files):
+    """-> (the features.npz files loaded, their feature rows as tensors, the reference statistics they share)."""
+    import torch
+
+    from fewstep.metrics.fid import RefStats
+
+    runs = [np.load(f) for f in files]
+    refs = {str(r["ref_stats"]) for r in runs}
+    if len(refs) > 1:
+        raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
+    return runs, [torch.from_numpy(r["features"]) for r in runs], RefStats.load(refs.pop())
+
+
 def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
     """FIDs of runs made with save_features=true, each against the first (pairs=True: the dirs name one run
     each, taken two at a time, base then run): the difference and its paired bootstrap standard error (the
@@ -263,7 +277,7 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
 
     import torch
 
-    from fewstep.metrics.fid import RefStats, bootstrap_fid_se, paired_fid_difference
+    from fewstep.metrics.fid import bootstrap_fid_se, paired_fid_difference
 
     # hundreds of D x D eigendecompositions: on the idle 2-core machine two threads gain nothing at D = 128
     # (classifier features) and 1.2x at D = 2048 (Inception); with the other core busy (a sampling job) their
@@ -277,12 +291,7 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
         if pairs and len(found) > 1:
             raise SystemExit(f"fid_diff --pairs: {d} holds {len(found)} runs; name one run folder per argument")
         files += found
-    runs = [np.load(f) for f in files]
-    refs = {str(r["ref_stats"]) for r in runs}
-    if len(refs) > 1:
-        raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
-    ref = RefStats.load(refs.pop())
-    feats = [torch.from_numpy(r["features"]) for r in runs]
+    runs, feats, ref = _load_features(files)
 
     def fid_se(i):                              # the run's own recorded fid_se where it has one
         m = files[i].parent / "metrics.json"
@@ -315,7 +324,7 @@ def interaction(dirs, factors, out=None, n_boot: int = 200) -> dict:
     import torch
 
     from fewstep.fileio import write_json_atomic
-    from fewstep.metrics.fid import RefStats, fid_contrast
+    from fewstep.metrics.fid import fid_contrast
 
     torch.set_num_threads(1)                    # as in fid_diff: hundreds of small eigendecompositions
     df = load(dirs)
@@ -333,12 +342,7 @@ def interaction(dirs, factors, out=None, n_boot: int = 200) -> dict:
         raise SystemExit(f"interaction: no run with only {'; '.join(absent)} on")
     rows = [cells[w] for w in want]
     files = [_features(Path(df["job_dir"].iloc[i]))[0] for i in rows]
-    runs = [np.load(f) for f in files]
-    refs = {str(r["ref_stats"]) for r in runs}
-    if len(refs) > 1:
-        raise SystemExit(f"the runs were scored against different reference statistics: {', '.join(sorted(refs))}")
-    ref = RefStats.load(refs.pop())
-    feats = [torch.from_numpy(r["features"]) for r in runs]
+    runs, feats, ref = _load_features(files)
 
     def contrast(weights):
         return list(fid_contrast(feats, weights, ref.mu, ref.cov, n_boot))
@@ -351,16 +355,22 @@ def interaction(dirs, factors, out=None, n_boot: int = 200) -> dict:
               "sum_of_singles": sum(v[0] for v in single.values()),
               "interaction": contrast([k - 1.0] + [-1.0] * k + [1.0]),
               "n_samples": int(len(feats[0])), "n_boot": int(n_boot), "cells": len(cells)}
-    print(f"| on (base FID {result['fid_base']:.2f}) | FID - base | paired s.e. |")
-    print("|---|---|---|")
-    for f, (d, se) in single.items():
-        print(f"| {f} = {result['on'][f]} | {d:+.2f} | {se:.2f} |")
-    print(f"| all {k} | {result['all'][0]:+.2f} | {result['all'][1]:.2f} |")
-    print(f"| all minus the sum of the singles ({result['sum_of_singles']:+.2f}) | {result['interaction'][0]:+.2f} | "
-          f"{result['interaction'][1]:.2f} |")
+    print_interaction(result)
     if out:
         write_json_atomic(Path(out), result)
     return result
+
+
+def print_interaction(result: dict) -> None:
+    """The table of an interaction result (what `interaction` computed, or its JSON read back)."""
+    print(f"| on (base FID {result['fid_base']:.2f}, {result['n_samples']} samples) | FID - base | paired s.e. |")
+    print("|---|---|---|")
+    for f in result["factors"]:                # (a JSON written with sorted keys keeps the order here)
+        d, se = result["single"][f]
+        print(f"| {f} = {result['on'][f]} | {d:+.2f} | {se:.2f} |")
+    print(f"| all {len(result['factors'])} | {result['all'][0]:+.2f} | {result['all'][1]:.2f} |")
+    print(f"| all minus the sum of the singles ({result['sum_of_singles']:+.2f}) | {result['interaction'][0]:+.2f} | "
+          f"{result['interaction'][1]:.2f} |")
 
 
 ARCHIVED = ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")   # per job (a folder with metrics.json)
@@ -625,6 +635,10 @@ def main():
     if a.mode == "fid_diff":
         return fid_diff(a.dirs, pairs=a.pairs)
     if a.mode == "interaction":
+        if len(a.dirs) == 1 and a.dirs[0].endswith(".json"):     # a result written by --out, printed again
+            import json
+
+            return print_interaction(json.loads(Path(a.dirs[0]).read_text()))
         interaction(a.dirs, a.factors, a.out)
         return
     if a.mode == "archive":

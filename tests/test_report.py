@@ -435,6 +435,7 @@ def test_interaction_of_a_factorial_bootstraps_its_contrasts_jointly(report, tmp
     assert abs(inter) < 3 * inter_se < 0.1 * abs(res["sum_of_singles"])
     assert inter_se < res["single"]["rho_bottom"][1] + res["single"]["cache"][1] + res["all"][1]
     assert "| all minus the sum of the singles" in out
+    assert run(report, capsys, "interaction", str(tmp_path / "i.json")) == out       # the JSON prints the same table
     (tmp_path / "f_sweep" / "summary.csv").write_text(pd.DataFrame(rows[:3]).to_csv(index=False))
     with pytest.raises(SystemExit, match="no run with only rho_bottom \\+ cache on"):
         run(report, capsys, "interaction", str(tmp_path / "f_sweep"), "--factors", "rho_bottom", "cache")

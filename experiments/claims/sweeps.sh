@@ -125,13 +125,25 @@ group_analytic_nll() {  # the bound in bits/dim on 250 test images, fixed (beta,
   run analytic_nll_full n_samples=10 metrics=nll metrics.n_data=250 sampler=ddpm sampler.steps=1000 sampler.var_type=beta
 }
 
-group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each on or off, paired with none
+interaction() {  # interaction <json> <factor columns> -- <sweeps>: report.py interaction into the data folder
+  local out=$1; shift
+  local factors=()
+  while [[ "$1" != "--" ]]; do factors+=("$1"); shift; done
+  shift
+  if [[ -n "${DRY:-}" ]]; then echo "report.py interaction $* --factors ${factors[*]}"; return; fi
+  "$PY" experiments/report.py interaction "${@/#/$RUNS/}" --factors "${factors[@]}" --out "$DATA/$out"
+}
+
+group_compose() {  # DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM, each on or off, paired with none;
+  # every job keeps its features, so report.py interaction bootstraps the interaction jointly
   gamma
   base compose_base base "n_samples=$N" sampler=ddim sampler.steps=20
   local pair="metrics.paired_with=$RUNS/compose_base/base"
-  run compose "n_samples=$N" sampler=ddim sampler.steps=20 skip.rho_bottom=1.0,0.8 variance=fixed,analytic "$pair"
-  run compose_cache "n_samples=$N" sampler=ddim sampler.steps=20 skip.rho_bottom=1.0,0.8 variance=fixed,analytic \
-    cache=deepcache cache.interval=2 "$pair"
+  run compose "n_samples=$N" sampler=ddim sampler.steps=20 save_features=true skip.rho_bottom=1.0,0.8 \
+    variance=fixed,analytic "$pair"
+  run compose_cache "n_samples=$N" sampler=ddim sampler.steps=20 save_features=true skip.rho_bottom=1.0,0.8 \
+    variance=fixed,analytic cache=deepcache cache.interval=2 "$pair"
+  interaction compose_interaction.json rho_bottom cache variance -- compose_base compose compose_cache
 }
 
 group_compose_guided() {  # the class-conditional model, DDIM 20 steps: Skip-Tuning x DeepCache x Analytic-DPM x
@@ -145,10 +157,8 @@ group_compose_guided() {  # the class-conditional model, DDIM 20 steps: Skip-Tun
     variance=fixed,analytic guidance=none,cfg "$pair"
   MODEL=$MODEL_COND run compose_guided_cache "n_samples=$N" "${cond[@]}" save_features=true skip.rho_bottom=1.0,0.8 \
     variance=fixed,analytic guidance=none,cfg cache=deepcache cache.interval=2 "$pair"
-  if [[ -z "${DRY:-}" ]]; then
-    "$PY" experiments/report.py interaction "$RUNS/compose_guided_base" "$RUNS/compose_guided" \
-      "$RUNS/compose_guided_cache" --out "$DATA/compose_guided_interaction.json"
-  fi
+  interaction compose_guided_interaction.json rho_bottom cache variance guidance -- compose_guided_base \
+    compose_guided compose_guided_cache
 }
 
 group_guidance() {  # the class-conditional model: guidance everywhere, then only in t in [100, 700], paired per w

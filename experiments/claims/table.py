@@ -423,45 +423,41 @@ def _additivity_verdict(d, se, total) -> str:
     return "not reproduced (inconclusive: the bound on the interaction is wider than half the summed gain)" + rule
 
 
-def row_compose(root):
-    df = pd.concat([sweep(root, "compose"), sweep(root, "compose_cache")], ignore_index=True)
-    df = df.assign(rho=df["rho_bottom"].astype(float), cache=df["cache"].fillna("none"))
-    key = {(r["rho"] != 1, r["cache"] != "none", r["variance"] == "analytic"): (float(r["fid_diff"]), float(r["fid_diff_se"]))
-           for _, r in df.iterrows()}
-    singles = [key.get(k) for k in ((True, False, False), (False, True, False), (False, False, True))]
-    both = key.get((True, True, True))
-    if both is None or any(s is None for s in singles):
-        raise Missing("compose cells")
-    total = sum(s[0] for s in singles)
-    # the four differences share their base and noise, so their s.e. do not add in quadrature: the sum of the
-    # s.e. bounds the s.e. of their combination (the triangle inequality of standard deviations)
-    d, se = both[0] - total, both[1] + sum(s[1] for s in singles)
-    names = ("rho_bottom 0.8", "DeepCache N = 2", "analytic variance")
-    text = (", ".join(f"{n} {pm(*s)}" for n, s in zip(names, singles)) + f"; all three {pm(*both)}; "
-            f"sum of the singles {total:+.2f}, all three minus that sum {pm(d, se)} (s.e. bounded by the sum)")
-    return ("Composition: the gains of Skip-Tuning, DeepCache and Analytic-DPM add up (DDIM 20 steps)",
-            "(no source claims it: the question of the seeds)", text, _additivity_verdict(d, se, total))
-
-
 COMPOSE_NAMES = {"rho_bottom": "rho_bottom {}", "cache": "DeepCache N = 2", "variance": "analytic variance",
                  "guidance": "CFG w = 1.5"}
 
 
-def row_compose_guided(root):
-    """The 2^4 factorial with guidance on the class-conditional model, from report.py interaction's JSON: every
-    contrast's s.e. from one bootstrap over the runs' shared sample indices (exact, not a bound)."""
-    f = root / "compose_guided_interaction.json"
+def _row_additivity(root, name: str, claim: str, model: str):
+    """A composition row from report.py interaction's JSON (a 2^k factorial on shared noise): each strategy
+    alone, all together and the interaction, every s.e. from one bootstrap over the runs' shared sample indices."""
+    f = root / name
     if not f.exists():
-        raise Missing("compose_guided_interaction.json")
+        raise Missing(name)
     r = json.loads(f.read_text())
     names = [COMPOSE_NAMES.get(k, k + " {}").format(r["on"][k]) for k in r["factors"]]
     d, se = r["interaction"]
-    text = (f"class-conditional model, base FID {r['fid_base']:.2f} ({r['n_samples']} samples): "
+    text = (f"{model}, base FID {r['fid_base']:.2f} ({r['n_samples']} samples): "
             + ", ".join(f"{n} {pm(*r['single'][k])}" for n, k in zip(names, r["factors"]))
             + f"; all {len(names)} {pm(*r['all'])}; sum of the singles {r['sum_of_singles']:+.2f}, all minus that "
             f"sum {pm(d, se)} (joint paired bootstrap)")
-    return ("Composition with guidance: the four gains add up (DDIM 20 steps)",
-            "(no source claims it: the question of the seeds)", text, _additivity_verdict(d, se, r["sum_of_singles"]))
+    rule = " (rule: interaction within 2 s.e. of 0, that bound under half the summed gain)"
+    if sig(d, se):
+        verdict = "not reproduced" + (" (less than additive)" if d > 0 else " (more than additive)")
+    elif Z * se <= 0.5 * abs(r["sum_of_singles"]):
+        verdict = "reproduced"
+    else:
+        verdict = "not reproduced (inconclusive: the bound on the interaction is wider than half the summed gain)"
+    return claim, "(no source claims it: the question of the seeds)", text, verdict + rule
+
+
+def row_compose(root):
+    return _row_additivity(root, "compose_interaction.json", "Composition: the gains of Skip-Tuning, DeepCache and "
+                           "Analytic-DPM add up (DDIM 20 steps)", "unconditional model")
+
+
+def row_compose_guided(root):
+    return _row_additivity(root, "compose_guided_interaction.json", "Composition with guidance: the four gains add "
+                           "up (DDIM 20 steps)", "class-conditional model")
 
 
 def row_convergence(root, early):
