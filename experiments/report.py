@@ -10,6 +10,7 @@
     python experiments/report.py fid_diff --pairs base1 run1 base2 run2 ...      (each run against its own base)
     python experiments/report.py interaction multirun/f_base multirun/f --factors rho_bottom cache --out f.json
     python experiments/report.py interaction f.json              (the table of a written result, again)
+    python experiments/report.py interaction multirun/f_base multirun/f --factors rho_bottom --where cache=none
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
     python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
     python experiments/report.py denoise experiments/data/denoise_loss      (task=denoise_loss sweeps over rho)
@@ -313,21 +314,32 @@ def fid_diff(dirs, n_boot: int = 200, pairs: bool = False):
         print(f"| {f.parent.name} | {float(runs[i]['fid']):.2f} | {fid_se(i):.2f} | {d:+.2f} | {dse:.2f} |")
 
 
-def interaction(dirs, factors, out=None, n_boot: int = 200) -> dict:
+def where(df: pd.DataFrame, conds) -> pd.DataFrame:
+    """The rows whose column KEY prints as VALUE, for every KEY=VALUE of conds."""
+    for cond in conds:
+        key, _, value = cond.partition("=")
+        if key not in df.columns:
+            raise SystemExit(f"--where {cond}: no column '{key}' (columns: {', '.join(map(str, df.columns))})")
+        df = df[df[key].map(lambda v: fmt(v) if isinstance(v, float) else str(v)) == value]
+    return df
+
+
+def interaction(dirs, factors, out=None, n_boot: int = 200, conds=()) -> dict:
     """The interaction of a 2^k factorial of runs made with save_features=true on the same noise.
 
     The first run of the first folder is the base (every factor off); a factor is on in a run whose column
     differs from the base's. Prints, with standard errors from one bootstrap that resamples the sample indices
     of every run jointly (fid_contrast): each factor alone minus the base, all on minus the base, and the
     interaction FID(all) - FID(base) - sum_i (FID(i alone) - FID(base)), which is 0 when the effects add up.
-    out: also write them as JSON, the small result the claims table reads (the features stay behind)."""
+    out: also write them as JSON, the small result the claims table reads (the features stay behind).
+    conds (--where KEY=VALUE): only these runs, e.g. two factors of a larger factorial with the others off."""
     import torch
 
     from fewstep.fileio import write_json_atomic
     from fewstep.metrics.fid import fid_contrast
 
     torch.set_num_threads(1)                    # as in fid_diff: hundreds of small eigendecompositions
-    df = load(dirs)
+    df = where(load(dirs), conds)
     missing = [f for f in factors if f not in df.columns]
     if missing:
         raise SystemExit(f"interaction: no column {', '.join(missing)} in the runs")
@@ -639,19 +651,14 @@ def main():
             import json
 
             return print_interaction(json.loads(Path(a.dirs[0]).read_text()))
-        interaction(a.dirs, a.factors, a.out)
+        interaction(a.dirs, a.factors, a.out, conds=a.where)
         return
     if a.mode == "archive":
         if len(a.dirs) != 2:
             raise SystemExit("archive takes a sweep (or run) folder and the folder to copy its result files to")
         archive(*a.dirs)
         return
-    df = load(a.dirs)
-    for cond in a.where:
-        key, _, value = cond.partition("=")
-        if key not in df.columns:
-            raise SystemExit(f"--where {cond}: no column '{key}' (columns: {', '.join(map(str, df.columns))})")
-        df = df[df[key].map(lambda v: fmt(v) if isinstance(v, float) else str(v)) == value]
+    df = where(load(a.dirs), a.where)
     if a.mode == "table":
         t = df.pivot_table(index=a.rows if len(a.rows) > 1 else a.rows[0], columns=a.cols if len(a.cols) > 1 else a.cols[0],
                            values=a.value, aggfunc="first")

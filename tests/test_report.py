@@ -436,6 +436,11 @@ def test_interaction_of_a_factorial_bootstraps_its_contrasts_jointly(report, tmp
     assert inter_se < res["single"]["rho_bottom"][1] + res["single"]["cache"][1] + res["all"][1]
     assert "| all minus the sum of the singles" in out
     assert run(report, capsys, "interaction", str(tmp_path / "i.json")) == out       # the JSON prints the same table
+    # one factor of the two, the other held at its base level by --where
+    run(report, capsys, "interaction", str(tmp_path / "f_sweep"), "--factors", "cache", "--where", "rho_bottom=0.800",
+        "--out", str(tmp_path / "c.json"))
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["single"]["cache"][0] == pytest.approx(fid[("0.8", "deepcache")] - fid[("0.8", None)], rel=1e-9)
     (tmp_path / "f_sweep" / "summary.csv").write_text(pd.DataFrame(rows[:3]).to_csv(index=False))
     with pytest.raises(SystemExit, match="no run with only rho_bottom \\+ cache on"):
         run(report, capsys, "interaction", str(tmp_path / "f_sweep"), "--factors", "rho_bottom", "cache")
