@@ -329,14 +329,14 @@ def interaction(dirs, factors, out=None, n_boot: int = 200, conds=()) -> dict:
 
     The first run of the first folder is the base (every factor off); a factor is on in a run whose column
     differs from the base's. Prints, with standard errors from one bootstrap that resamples the sample indices
-    of every run jointly (fid_contrast): each factor alone minus the base, all on minus the base, and the
+    of every run jointly (fid_contrasts): each factor alone minus the base, all on minus the base, and the
     interaction FID(all) - FID(base) - sum_i (FID(i alone) - FID(base)), which is 0 when the effects add up.
     out: also write them as JSON, the small result the claims table reads (the features stay behind).
     conds (--where KEY=VALUE): only these runs, e.g. two factors of a larger factorial with the others off."""
     import torch
 
     from fewstep.fileio import write_json_atomic
-    from fewstep.metrics.fid import fid_contrast
+    from fewstep.metrics.fid import fid_contrasts
 
     torch.set_num_threads(1)                    # as in fid_diff: hundreds of small eigendecompositions
     df = where(load(dirs), conds)
@@ -356,17 +356,17 @@ def interaction(dirs, factors, out=None, n_boot: int = 200, conds=()) -> dict:
     files = [_features(Path(df["job_dir"].iloc[i]))[0] for i in rows]
     runs, feats, ref = _load_features(files)
 
-    def contrast(weights):
-        return list(fid_contrast(feats, weights, ref.mu, ref.cov, n_boot))
-
-    single = {f: contrast([-1.0] + [float(i == j) for j in range(k)] + [0.0]) for i, f in enumerate(factors)}
+    # weights over the runs (base, each factor alone, all on): each factor alone, all on, the interaction
+    weights = [[-1.0] + [float(i == j) for j in range(k)] + [0.0] for i in range(k)]
+    weights += [[-1.0] + [0.0] * k + [1.0], [k - 1.0] + [-1.0] * k + [1.0]]
+    contrasts = [list(c) for c in fid_contrasts(feats, weights, ref.mu, ref.cov, n_boot)]
+    single = dict(zip(factors, contrasts[:k]))
     result = {"factors": list(factors), "off": {f: level[f][0] for f in factors},
               "on": {f: level[f][rows[1 + i]] for i, f in enumerate(factors)},
               "runs": [Path(df["job_dir"].iloc[i]).name for i in rows], "fid_base": float(runs[0]["fid"]),
-              "single": single, "all": contrast([-1.0] + [0.0] * k + [1.0]),
-              "sum_of_singles": sum(v[0] for v in single.values()),
-              "interaction": contrast([k - 1.0] + [-1.0] * k + [1.0]),
-              "n_samples": int(len(feats[0])), "n_boot": int(n_boot), "cells": len(cells)}
+              "single": single, "all": contrasts[k], "sum_of_singles": sum(v[0] for v in single.values()),
+              "interaction": contrasts[k + 1], "n_samples": int(len(feats[0])), "n_boot": int(n_boot),
+              "cells": len(cells)}
     print_interaction(result)
     if out:
         write_json_atomic(Path(out), result)

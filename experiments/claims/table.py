@@ -414,15 +414,6 @@ def row_guidance(root, dirs):
             "; ".join(parts), verdict_counts(n_for, n_against, len(diffs)) + " (the interval rows at w > 1)")
 
 
-def _additivity_verdict(d, se, total) -> str:
-    rule = " (rule: interaction within 2 s.e. of 0, that bound under half the summed gain)"
-    if sig(d, se):
-        return "not reproduced" + (" (less than additive)" if d > 0 else " (more than additive)") + rule
-    if Z * se <= 0.5 * abs(total):
-        return "reproduced" + rule
-    return "not reproduced (inconclusive: the bound on the interaction is wider than half the summed gain)" + rule
-
-
 COMPOSE_NAMES = {"rho_bottom": "rho_bottom {}", "cache": "DeepCache N = 2", "variance": "analytic variance",
                  "guidance": "CFG w = 1.5"}
 

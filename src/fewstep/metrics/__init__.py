@@ -28,13 +28,13 @@ from .classifier import file_digest
 from .cost import count_macs, macs_per_call
 from .features import FEATURES, build_feature, inception_preprocess, quantize
 from .fid import (FID, RefStats, bootstrap_fid_se, compute_ref_stats, ensure_ref_stats, frechet_distance, inception_score,
-                  fid_contrast, paired_fid_difference, ref_stats_path)
+                  fid_contrast, fid_contrasts, paired_fid_difference, ref_stats_path)
 from .precision_recall import precision_recall
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Metrics", "FeatureBank", "FID", "RefStats", "bootstrap_fid_se", "build_feature", "compute_ref_stats", "count_macs",
-           "ensure_ref_stats", "fid_contrast", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call", "paired_fid_difference",
+           "ensure_ref_stats", "fid_contrast", "fid_contrasts", "frechet_distance", "inception_preprocess", "inception_score", "macs_per_call", "paired_fid_difference",
            "precision_recall", "quantize", "ref_stats_path", "check_metrics_cfg"]
 
 

@@ -132,16 +132,27 @@ def fid_contrast(feats: Sequence[torch.Tensor], weights: Sequence[float], mu_ref
     the runs share cancels in the combination as it does in a paired difference (weights 1, -1). With weights
     that sum to 0 it measures an effect, e.g. the interaction of a 2^k factorial: FID(all on) - FID(all off)
     - sum_i (FID(only i on) - FID(all off)), 0 when the effects add up. -> (value, stderr)."""
-    if not feats or len(feats) != len(weights):
-        raise ValueError(f"fid_contrast needs one weight per run (got {len(feats)} runs, {len(weights)} weights)")
+    return fid_contrasts(feats, [weights], mu_ref, cov_ref, n_boot, seed)[0]
+
+
+def fid_contrasts(feats: Sequence[torch.Tensor], weight_rows: Sequence[Sequence[float]], mu_ref, cov_ref,
+                  n_boot: int = 200, seed: int = 0) -> list:
+    """fid_contrast for each row of weight_rows, from one set of FIDs and one bootstrap of the runs (each
+    contrast the same combination of the same resamples). -> [(value, stderr), ...]."""
+    if not feats or any(len(w) != len(feats) for w in weight_rows):
+        raise ValueError(f"fid_contrast needs one weight per run (got {len(feats)} runs, weights "
+                         f"{[len(w) for w in weight_rows]})")
     shapes = [tuple(f.shape) for f in feats]
     if len(set(shapes)) > 1:
         raise ValueError(f"paired runs need the same samples: feature rows {' vs '.join(map(str, shapes))}")
     fd = FrechetToReference(mu_ref, cov_ref)
-    w = np.asarray(weights, dtype=np.float64)
-    value = float(np.dot(w, [fd(f) for f in feats]))
-    reps = _bootstrap(fd, n_boot, seed, *feats) @ w
-    return value, float(np.std(reps, ddof=1))
+    fids = [fd(f) for f in feats]
+    reps = _bootstrap(fd, n_boot, seed, *feats)
+    out = []
+    for weights in weight_rows:
+        w = np.asarray(weights, dtype=np.float64)
+        out.append((float(np.dot(w, fids)), float(np.std(reps @ w, ddof=1))))
+    return out
 
 
 def _bootstrap(fd: FrechetToReference, n_boot: int, seed: int, *feats: torch.Tensor) -> np.ndarray:
