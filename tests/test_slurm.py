@@ -174,13 +174,14 @@ def submissions(cluster, tmp_path_factory):
         "sweep": Submission(base, "sweep", SWEEP, env),
         "ddp": Submission(base, "ddp", ["sampler.steps=3", "trainer=ddp_cpu", "trainer.devices=2"], env),
         "cancel": Submission(base, "cancel", ["trainer=cpu", "sampler.steps=4", *hold(base, "cancel")], env),
-        # submitit's USR2 comes signal_delay_s before the 1-minute limit; slurmctld looks every 30 s and signals
-        # once fewer than signal_delay_s + 30 s are left: 29-59 s after the start. A timeout to submitit, which
-        # requeues the job (max_num_timeout); the requeued run does not wait (one more timeout allowed, should it
-        # take more than 29 s on a busy machine)
+        # submitit's USR2 comes signal_delay_s before the 2-minute limit; slurmctld looks every 30 s and signals
+        # once fewer than signal_delay_s + 30 s are left: 89-119 s after the start, by when the job waits in its
+        # hold (a 1-minute limit signalled at 29 s, before a job on a loaded CI machine had got there). A timeout
+        # to submitit, which requeues the job (max_num_timeout); the requeued run does not wait (one more timeout
+        # allowed, should it take more than 89 s on a busy machine)
         "timeout": Submission(base, "timeout", ["trainer=cpu", "sampler.steps=6",
                                                 *hold(base, "timeout", first_attempt_only=True),
-                                                "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=1",
+                                                "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=1",
                                                 "hydra.launcher.max_num_timeout=2"], env),
     }
     t0 = time.time()
@@ -295,7 +296,7 @@ def test_job_cancelled_mid_run_leaves_no_metrics_and_the_resumed_sweep_runs_it_a
 def test_job_past_its_time_limit_is_requeued_and_finishes_with_resume(submissions):
     base, subs, env = submissions
     t = subs["timeout"]
-    t.wait(300)
+    t.wait(420)
     assert t.proc.returncode == 0, t.report()
     (folder,) = t.jobs()
     assert json.loads((folder / "metrics.json").read_text())["nfe"] == 6
