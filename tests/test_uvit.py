@@ -299,3 +299,35 @@ def test_default_config_size_as_documented():
     net = build_network(compose_cfg(["backbone=uvit"]).backbone)
     assert sum(p.numel() for p in net.parameters()) == 1_510_542
     assert round(count_macs(net, torch.randn(1, 1, 28, 28), torch.tensor([5])) / 1e9, 2) == 0.36
+
+
+def test_ship_stores_half_precision_weights_that_load_into_the_float32_network(uvit, tmp_path, capsys):
+    """experiments/training/ship.py: the stored copy is float16, from_pretrained reads it back as float32, every
+    weight within float16 rounding of the original (relative 2^-11), and train_state.json says so."""
+    import importlib.util
+
+    from safetensors import safe_open
+
+    from conftest import REPO
+    from fewstep.build import load_pretrained
+
+    spec = importlib.util.spec_from_file_location("ship", REPO / "experiments" / "training" / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    src, dst = tmp_path / "export", tmp_path / "shipped"
+    uvit.save_pretrained(str(src), safe_serialization=True)
+    (src / "train_state.json").write_text(json.dumps({"total_steps": 7}))
+    assert ship.main([str(src), str(dst), "--backbone", "uvit"]) == 0
+    assert "largest relative change" in capsys.readouterr().out
+    with safe_open(str(dst / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    back = load_pretrained(str(dst), None, "uvit")
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    for (k, a), b in zip(uvit.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(b, a.half().float()), k          # exactly the float16 rounding, nothing else
+        assert torch.allclose(b, a, rtol=2 ** -11, atol=1e-7), k
+    state = json.loads((dst / "train_state.json").read_text())
+    assert state["total_steps"] == 7 and state["stored_dtype"] == "float16" and state["shipped_from"] == str(src)
+    assert (src / "diffusion_pytorch_model.safetensors").stat().st_size > 1.9 * (
+        dst / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert ship.main([str(tmp_path / "nowhere"), str(dst), "--backbone", "uvit"]) == 2
