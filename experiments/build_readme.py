@@ -1,17 +1,20 @@
 """Render experiments/README.md from experiments/README.template.md.
 
-Every template line ``@@ <command>`` is replaced by what the command prints (run from the repository root,
-``python`` meaning this interpreter); every other line is copied. The commands read sweep folders: the
-committed copies of their result files under experiments/data/ (``report.py archive``), or the git-ignored
-multirun/. ``--check`` writes nothing: it renders the README and draws the figures of ``@@`` commands (their
-``--out`` file) into a temporary folder, and exits non-zero if the README or any figure differs from the
-committed one.
+Every template line ``@@ <command>`` is replaced by the command, visible in a ```` ```bash ```` block, then a
+blank line and what the command prints (run from the repository root, ``python`` meaning this interpreter):
+each table of the README stands under the command that printed it. A command that prints nothing (a figure
+drawn with ``> /dev/null``) renders as its block alone, which says how the figure is drawn (``block``).
+Every other line is copied. The commands read sweep folders: the committed copies of their result files
+under experiments/data/ (``report.py archive``), or the git-ignored multirun/. ``--check`` writes nothing:
+it renders the README and draws the figures of ``@@`` commands (their ``--out`` file) into a temporary
+folder, and exits non-zero if the README or any figure differs from the committed one.
 
 ``--only TEXT`` re-runs only the ``@@`` commands that contain TEXT and keeps, for every other command,
-the output it has in the committed README: that output is recovered by matching the committed template
-against the committed README (as of git HEAD; with ``--check``, the files on disk, which the check compares
-against), line by line. Use it to update one section when the other sweeps are not on disk; a command whose
-committed output cannot be recovered unambiguously (or is new) must be re-run, and the build says which.
+the text it has in the committed README (its block and output): that text is recovered by matching the
+committed template against the committed README (as of git HEAD; with ``--check``, the files on disk, which
+the check compares against), line by line. Use it to update one section when the other sweeps are not on
+disk; a command whose committed output cannot be recovered unambiguously (or is new) must be re-run, and
+the build says which.
 
 ``--committed`` re-runs exactly the commands whose data is committed (every path they name lies under
 experiments/data/ and exists; a command naming no path reads none), keeps the others' output the same way,
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "experiments" / "README.template.md"
 README = ROOT / "experiments" / "README.md"
 MARK = "@@ "
+FENCE = ("```bash", "```")             # the lines around a command's own line in its rendered block
 OUT = re.compile(r"--out (\S+)")
 DATA = "experiments/data/"
 # a relative path named in a command (a/b, globs, Hydra job names with = and ,), not part of a longer path
@@ -59,6 +63,12 @@ def missing_data(command: str) -> list[str]:
     return [p for p in inputs(command) if not p.startswith(DATA) or not glob.glob(str(ROOT / p))]
 
 
+def block(command: str, output: str) -> str:
+    """The rendered text of the template line ``@@ command`` that printed output: the command in a bash
+    block, then a blank line and the output; the block alone if the output is empty."""
+    return "\n".join([FENCE[0], command, FENCE[1]] + (["", output] if output else []))
+
+
 def run(command: str) -> str:
     if command.startswith("python "):
         command = shlex.quote(sys.executable) + command[len("python"):]
@@ -70,30 +80,44 @@ def run(command: str) -> str:
 
 class Committed(NamedTuple):
     """What the committed README holds for each command, recovered by committed_outputs."""
-    outputs: dict[str, str | None]        # command -> its rendered text; None where the split is ambiguous
+    outputs: dict[str, str | None]        # command -> its rendered text (block(...)); None where ambiguous
     chains: list[tuple[list[str], str]]   # ambiguous stretches: (their template lines, their rendered text)
 
 
 def committed_outputs(template: str, readme: str) -> Committed:
-    """Recover each command's output from readme, which was rendered from template.
+    """Recover each command's rendered text (``block``: its command block and output) from readme, which
+    was rendered from template.
 
-    Each ``@@`` line rendered to one or more whole lines (an empty output to one empty line). The split is
-    found by dynamic programming over (template line, README line); a command's output is known when the
-    shortest and the longest consistent outputs agree. Where they do not (two commands separated by a
-    blank line, the first printing blank lines), the stretch of template lines from the first to the last
-    such command still has one rendering: it is kept whole, as a chain.
+    Each ``@@`` line rendered to its three block lines (```` ```bash ````, the command, ```` ``` ````), then
+    either nothing (an empty output) or a blank line and one or more output lines. The split is found by
+    dynamic programming over (template line, README line); a command's text is known when the shortest
+    and the longest consistent outputs agree. Where they do not (an output that itself holds the next
+    command's block), the stretch of template lines from the first to the last such command still has one
+    rendering: it is kept whole, as a chain.
     """
     t, r = template.splitlines(), readme.splitlines()
     n, m = len(t), len(r)
     # ok[i][j]: template lines i.. render to README lines j..; later[i][j]: ok[i][k] for some k >= j
     ok = [bytearray(m + 1) for _ in range(n + 1)]
-    later = [bytearray(m + 2) for _ in range(n + 1)]
+    later = [bytearray(m + 6) for _ in range(n + 1)]
     ok[n][m] = 1
     later[n][:m + 1] = bytearray([1]) * (m + 1)
+
+    def heads(i: int, j: int) -> bool:
+        """README lines j.. start with the block of template line i's command."""
+        return r[j:j + 3] == [FENCE[0], t[i][len(MARK):], FENCE[1]]
+
+    def ends(i: int, j: int):
+        """Where the rendering of template line i (an @@ line) that starts at README line j may end."""
+        yield j + 3                                           # an empty output: the block alone
+        if j + 3 < m and r[j + 3] == "":
+            yield from range(j + 5, m + 1)                    # a blank line and at least one output line
+
     for i in range(n - 1, -1, -1):
         for j in range(m, -1, -1):
             if t[i].startswith(MARK):
-                ok[i][j] = j < m and later[i + 1][j + 1]
+                ok[i][j] = heads(i, j) and (ok[i + 1][j + 3] or (j + 3 < m and r[j + 3] == ""
+                                                                  and later[i + 1][j + 5]))
             else:
                 ok[i][j] = j < m and t[i] == r[j] and ok[i + 1][j + 1]
             later[i][j] = ok[i][j] or later[i][j + 1]
@@ -104,8 +128,8 @@ def committed_outputs(template: str, readme: str) -> Committed:
         spans, j = [], 0
         for i, line in enumerate(t):
             if line.startswith(MARK):
-                ks = range(j + 1, m + 1) if shortest else range(m, j, -1)
-                k = next(k for k in ks if ok[i + 1][k])
+                ks = [k for k in ends(i, j) if ok[i + 1][k]]
+                k = ks[0] if shortest else ks[-1]
                 spans.append((i, j, k))
                 j = k
             else:
@@ -134,8 +158,9 @@ def render(template: str, figures: Path | None = None, only: Union[str, Callable
            committed: Committed | None = None) -> tuple[str, dict[str, Path]]:
     """The README text, and {figure named by --out: where it was drawn}; figures=None draws them in place.
 
-    With ``only`` (a text, or a test of the command), commands that do not contain it (fail the test) are
-    not run: their text comes from ``committed``.
+    Each ``@@`` line becomes ``block(command, what it printed)``: the command as the template writes it
+    (not its --out redirected into figures). With ``only`` (a text, or a test of the command), commands
+    that do not contain it (fail the test) are not run: their text comes from ``committed``.
     """
     drawn: dict[str, Path] = {}
 
@@ -156,7 +181,7 @@ def render(template: str, figures: Path | None = None, only: Union[str, Callable
             continue
         command = line[len(MARK):]
         if rerun(line):
-            out.append(run(OUT.sub(redirect, command) if figures is not None else command))
+            out.append(block(command, run(OUT.sub(redirect, command) if figures is not None else command)))
             continue
         known = committed.outputs if committed else {}
         if known.get(command) is not None:
@@ -214,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("build_readme: --only needs a non-empty TEXT (a part of the commands to re-run)")
     if args.committed:
         only = lambda command: not missing_data(command)  # noqa: E731
-    if only is not None:
-        # --check compares with the files on disk, so it recovers the kept outputs from them too
+    commands = {line[len(MARK):]: n for n, line in reversed(list(enumerate(TEMPLATE.read_text().splitlines(), 1)))
+                if line.startswith(MARK)}                # command -> its first template line
+    if only is not None and not all(only(c) if callable(only) else only in c for c in commands):
+        # some text is kept: recover it. --check compares with the files on disk, so it recovers from them too
         committed = committed_outputs(*(f.read_text() if args.check else git_show(f) for f in (TEMPLATE, README)))
     if args.committed:
-        commands = {line[len(MARK):]: n for n, line in reversed(list(enumerate(TEMPLATE.read_text().splitlines(), 1)))
-                    if line.startswith(MARK)}            # command -> its first template line
         kept = {c: missing_data(c) for c in commands if missing_data(c)}
         print(f"re-running the {len(commands) - len(kept)} commands whose data is committed; keeping the "
               f"committed output of {len(kept)} whose data is not:")

@@ -257,16 +257,29 @@ def build_readme():
     return load_script("build_readme")
 
 
-def test_build_readme_replaces_command_lines_by_their_output(build_readme):
-    template = "# title\n@@ python -c \"print('| a |'); print('| 1 |')\"\ntext @@ not a command\n"
-    assert build_readme.render(template) == ("# title\n| a |\n| 1 |\ntext @@ not a command\n", {})
+def test_build_readme_shows_each_command_above_its_output(build_readme):
+    # "every table is printed by the command written above it": the command, as the template writes it, in a
+    # bash block, then a blank line (so that a table after it renders as one) and what it printed
+    command = "python -c \"print('| a |'); print('| 1 |')\""
+    template = f"# title\n@@ {command}\ntext @@ not a command\n"
+    assert build_readme.render(template) == (
+        f"# title\n```bash\n{command}\n```\n\n| a |\n| 1 |\ntext @@ not a command\n", {})
+    assert build_readme.block(command, "| a |\n| 1 |") == f"```bash\n{command}\n```\n\n| a |\n| 1 |"
+
+
+def test_build_readme_shows_a_silent_command_alone(build_readme):
+    # a figure command (> /dev/null) prints nothing: its block alone says how the figure is drawn
+    assert build_readme.render("a\n@@ python -c pass > /dev/null\nb\n")[0] == \
+        "a\n```bash\npython -c pass > /dev/null\n```\nb\n"
 
 
 def test_build_readme_check_draws_figures_aside_and_compares_them(build_readme, tmp_path, monkeypatch, capsys):
     draw = "@@ python -c \"import sys; open(sys.argv[2], 'w').write('v2'); print('drawn')\" --out figs/f.png\n"
     (tmp_path / "aside").mkdir()
     text, drawn = build_readme.render("# t\n" + draw, tmp_path / "aside")  # as --check runs it
-    assert text == "# t\ndrawn\n" and drawn == {"figs/f.png": tmp_path / "aside" / "0.png"}
+    # the README shows the command as written (--out figs/f.png), not the temporary file it drew
+    assert text == f"# t\n{build_readme.block(draw[3:-1], 'drawn')}\n"
+    assert drawn == {"figs/f.png": tmp_path / "aside" / "0.png"}
     assert (tmp_path / "aside" / "0.png").read_text() == "v2" and not (build_readme.ROOT / "figs").exists()
 
     monkeypatch.setattr(build_readme, "ROOT", tmp_path)
@@ -306,34 +319,60 @@ def py_print(*lines: str) -> str:
 
 
 def test_build_readme_only_reruns_matching_commands_and_keeps_the_others(build_readme):
-    old = "\n".join(["# t", py_print("| a |", "| 1 |"), "text", py_print("B-old"), "end"]) + "\n"
+    block = build_readme.block
+    a, b_old, b_new = py_print("| a |", "| 1 |")[3:], py_print("B-old")[3:], py_print("B-new")[3:]
+    old = "\n".join(["# t", "@@ " + a, "text", "@@ " + b_old, "end"]) + "\n"
     readme = build_readme.render(old)[0]
-    assert readme == "# t\n| a |\n| 1 |\ntext\nB-old\nend\n"
+    assert readme == f"# t\n{block(a, '| a |' + chr(10) + '| 1 |')}\ntext\n{block(b_old, 'B-old')}\nend\n"
     committed = build_readme.committed_outputs(old, readme)
-    assert committed.outputs == {py_print("| a |", "| 1 |")[3:]: "| a |\n| 1 |", py_print("B-old")[3:]: "B-old"}
+    # what is recovered is each command's whole rendered text, its block included, as render writes it
+    assert committed.outputs == {a: block(a, "| a |\n| 1 |"), b_old: block(b_old, "B-old")}
     # the second command is edited: only it runs; the first is not run, its text is what `committed`
     # holds (replaced by "| kept |" here, so that a re-run of it would show)
-    new = old.replace(py_print("B-old"), py_print("B-new")).replace("text", "new text")
-    kept = committed._replace(outputs={**committed.outputs, py_print("| a |", "| 1 |")[3:]: "| kept |"})
-    assert build_readme.render(new, only="B-new", committed=kept)[0] == "# t\n| kept |\nnew text\nB-new\nend\n"
+    new = old.replace(b_old, b_new).replace("text", "new text")
+    kept = committed._replace(outputs={**committed.outputs, a: "| kept |"})
+    assert build_readme.render(new, only="B-new", committed=kept)[0] == \
+        f"# t\n| kept |\nnew text\n{block(b_new, 'B-new')}\nend\n"
+    assert build_readme.render(new, only="B-new", committed=committed)[0] == \
+        readme.replace("text", "new text").replace(block(b_old, "B-old"), block(b_new, "B-new"))
     with pytest.raises(SystemExit, match="is not there; re-run it"):
         build_readme.render(new, only="no-such-text", committed=committed)
     with pytest.raises(SystemExit, match="not rendered from the committed template"):
         build_readme.committed_outputs(old, readme.replace("text", "edited by hand"))
 
 
-def test_build_readme_keeps_an_ambiguous_stretch_whole(build_readme):
-    # A prints a blank line, and a blank line separates it from B: "x / / y / / z" splits two ways
-    a, b = py_print("x", "", "y"), py_print("z")
-    template = f"top\n{a}\n\n{b}\nbottom\n"
+def test_build_readme_recovers_every_kind_of_block(build_readme):
+    # outputs with blank lines, a silent command (its block alone), the same command twice, two commands on
+    # adjacent lines: each command's own line in its block pins the split, so every text is recovered
+    a, quiet, b = py_print("x", "", "y"), "@@ python -c pass > /dev/null", py_print("", "z")
+    template = f"top\n{a}\n\n{quiet}\n{b}\n{a}\n{quiet}\nbottom\n"
     readme = build_readme.render(template)[0]
     committed = build_readme.committed_outputs(template, readme)
+    block = build_readme.block
+    assert committed.outputs == {a[3:]: block(a[3:], "x\n\ny"), quiet[3:]: block(quiet[3:], ""),
+                                 b[3:]: block(b[3:], "\nz")} and committed.chains == []
+    assert build_readme.render(template, only="nothing", committed=committed)[0] == readme
+    # a README rendered the old way (outputs without their commands) is not a rendering of the template
+    old = "top\nx\n\ny\n\n\nz\nx\n\ny\n\nbottom\n"
+    with pytest.raises(SystemExit, match="not rendered from the committed template"):
+        build_readme.committed_outputs(template, old)
+
+
+def test_build_readme_keeps_an_ambiguous_stretch_whole(build_readme):
+    # A prints B's block between its lines: "x / / B's block / / y / / B's block / / z" splits two ways
+    # (A prints x, B prints y ... z; or A prints x ... y, B prints z)
+    b = "@@ echo z"
+    a = py_print("x", "", "```bash", b[3:], "```", "", "y").replace("`", "\\`")   # no command substitution
+    template = f"top\n{a}\n\n{b}\nbottom\n"
+    readme = build_readme.render(template)[0]
+    assert readme.count(build_readme.block(b[3:], "")) == 2
+    committed = build_readme.committed_outputs(template, readme)
     assert committed.outputs == {a[3:]: None, b[3:]: None}
-    assert committed.chains == [([a, "", b], "x\n\ny\n\nz")]
+    assert committed.chains == [([a, "", b], readme[len("top\n"):-len("\nbottom\n")])]
     assert build_readme.render(template, only="nothing", committed=committed)[0] == readme
     with pytest.raises(SystemExit, match="is ambiguous there; re-run it"):
-        build_readme.render(template, only="'z'", committed=committed)
-    assert build_readme.render(template, only="python", committed=committed)[0] == readme
+        build_readme.render(template, only="print", committed=committed)
+    assert build_readme.render(template, only="echo z", committed=committed)[0] == readme
 
 
 @pytest.mark.parametrize("value, text", [(76.96, "77.0"), (42.83, "42.8"), (0.72, "0.720"), (5.0, "5"),
@@ -538,7 +577,9 @@ def test_build_readme_check_committed_reruns_what_committed_data_can(build_readm
     for name, text in (("ROOT", tmp_path), ("TEMPLATE", tmp_path / "template.md"), ("README", tmp_path / "README.md")):
         monkeypatch.setattr(build_readme, name, text)
     (tmp_path / "template.md").write_text(template)
-    readme = "# t\n| 1.23 |\nmid\nwhat the lost sweep printed\nend\n"
+    shown = build_readme.block(template.splitlines()[1][3:], "| 1.23 |")
+    lost = build_readme.block(template.splitlines()[3][3:], "what the lost sweep printed")
+    readme = f"# t\n{shown}\nmid\n{lost}\nend\n"
     (tmp_path / "README.md").write_text(readme)
     assert build_readme.main(["--check", "--committed"]) == 0
     out = capsys.readouterr().out
