@@ -14,10 +14,11 @@
     python experiments/report.py archive multirun/rho_sweep experiments/data/rho_sweep
     python experiments/report.py frontier experiments/data/frontier_* --out experiments/figures/frontier.png
     python experiments/report.py denoise experiments/data/denoise_loss      (task=denoise_loss sweeps over rho)
+    python experiments/report.py skipnorms experiments/data/skip_norms --out f.png  (task=skip_norms: every skip and step)
 
 Every number in experiments/README.md is what one of these commands printed. `archive` copies a sweep's
 (or one run's) small result files into a folder to commit under experiments/data/: each job's metrics.json
-and .hydra/config.yaml / overrides.yaml and the summary.csv, job folder names kept; samples, features,
+and .hydra/config.yaml / overrides.yaml (and task=skip_norms' skip_norms.csv) and the summary.csv, job folder names kept; samples, features,
 per-image bounds, images and W&B files stay behind. The other commands read such a folder exactly as the
 sweep folder it came from (fid_diff and the paired part of nll need the features / per-image files, so
 they do not run on an archive).
@@ -385,7 +386,8 @@ def print_interaction(result: dict) -> None:
           f"{result['interaction'][1]:.2f} |")
 
 
-ARCHIVED = ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml")   # per job (a folder with metrics.json)
+# per job (a folder with metrics.json); skip_norms.csv: task=skip_norms' per-evaluation table (a few KB)
+ARCHIVED = ("metrics.json", ".hydra/config.yaml", ".hydra/overrides.yaml", "skip_norms.csv")
 ARCHIVE_MAX_BYTES = 256 * 1024    # per file: the result files are KBs; anything larger is not one of them
 
 
@@ -456,6 +458,61 @@ def denoise_table(df: pd.DataFrame):
         print(f"{what}, % change vs the plain network (paired s.e.):\n")
         print(markdown(t.reset_index()))
         print()
+
+
+def skip_norm_rows(dirs) -> pd.DataFrame:
+    """Every row of the skip_norms.csv files (task=skip_norms) under dirs, with the job's sampler label,
+    its NFE and its skip strategy's rho_bottom."""
+    frames = []
+    for d in dirs:
+        for f in sorted(Path(d).rglob("skip_norms.csv")):
+            rows = pd.read_csv(f)
+            sampler = job_cfg(f.parent, "sampler")
+            name = sampler.get("name", "?")
+            if name == "diffusers":
+                name = sampler.get("scheduler", "diffusers").replace("Scheduler", "").replace("Multistep", "")
+            rows["run"] = f"{name} {sampler.get('steps', '?')} steps"
+            rows["rho_bottom"] = job_cfg(f.parent, "skip").get("rho_bottom")
+            frames.append(rows)
+    if not frames:
+        raise SystemExit(f"no skip_norms.csv under {' '.join(map(str, dirs))}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def skip_norm_table(df: pd.DataFrame, out: str | None = None):
+    """The skip-norm diagnostic over every (skip, evaluation): prop_i = ||d_i|| / ||u_i|| per run and variant
+    (plain network, and the run's skip strategy), how many of the pairs reach prop >= 1, the largest prop and
+    where it is (skip depth i, 0 the deepest; sampler step; model timestep t), and the median. With out, a
+    heat map per run of the plain network's prop over skips (rows) and evaluations (columns)."""
+    print("| run | variant | evaluations | skips | pairs with prop >= 1 | largest prop (skip, step, t) | median prop |")
+    print("|---|---|---|---|---|---|---|")
+    for (run, variant), g in df.groupby(["run", "variant"], sort=False):
+        top = g.loc[g["prop"].idxmax()]
+        label = variant if variant == "plain" else f"{variant} (rho_bottom {fmt(g['rho_bottom'].iloc[0])})"
+        print(f"| {run} | {label} | {g['step'].nunique()} | {g['depth'].nunique()} | {int((g['prop'] >= 1).sum())} "
+              f"of {len(g)} | {top['prop']:.3f} (i{int(top['depth'])}, step {int(top['sampler_step'])}, "
+              f"t {int(top['t'])}) | {g['prop'].median():.3f} |")
+    if out is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(df["run"]))
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.4 * len(runs) + 1.2, 3.2), squeeze=False, layout="constrained")
+    for ax, run in zip(axes[0], runs):
+        g = df[(df["run"] == run) & (df["variant"] == "plain")]
+        grid = g.pivot_table(index="depth", columns="step", values="prop", aggfunc="first")
+        im = ax.imshow(grid.values, vmin=0, vmax=1.2, cmap="coolwarm", aspect="auto", origin="lower")
+        ys, xs = np.nonzero(grid.values >= 1)
+        ax.scatter(xs, ys, marker="x", color="k", s=14)       # the pairs that break prop < 1
+        ax.set_title(run, fontsize=8)
+        ax.set_xlabel("network evaluation")
+        ax.set_yticks(range(len(grid.index)), [f"i{int(i)}" for i in grid.index], fontsize=7)
+    axes[0][0].set_ylabel("skip (i0 deepest)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="prop_i = ||d_i|| / ||u_i|| (x: >= 1)")
+    _save_figure(fig, out)
 
 
 def config_label(r) -> str:
@@ -624,7 +681,7 @@ def plot(df: pd.DataFrame, x: str, y, hue, out: str, logx: bool = False):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["table", "list", "fit_rho", "nll", "plot", "fid_diff", "interaction", "archive",
-                                       "frontier", "denoise"])
+                                       "frontier", "denoise", "skipnorms"])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--rows", nargs="+", default=["sampler_label"])
     p.add_argument("--cols", nargs="+", default=["nfe"])
@@ -653,6 +710,8 @@ def main():
             return print_interaction(json.loads(Path(a.dirs[0]).read_text()))
         interaction(a.dirs, a.factors, a.out, conds=a.where)
         return
+    if a.mode == "skipnorms":
+        return skip_norm_table(skip_norm_rows(a.dirs), a.out)
     if a.mode == "archive":
         if len(a.dirs) != 2:
             raise SystemExit("archive takes a sweep (or run) folder and the folder to copy its result files to")

@@ -80,6 +80,18 @@ def test_rho_law_reads_a_tie_as_rho_one(table, tmp_path):
     assert "M=5: 0.95 (-0.20 +- 2.00, not significant)" in measured and "no fit" in measured
 
 
+def skip_norm_job(job: Path, sampler: str, worst: float):
+    """A task=skip_norms job folder: 3 evaluations x 2 skips, plain and linear; the plain prop is worst at skip 1
+    of the last evaluation, 0.5 elsewhere (the linear variant 0.4 everywhere)."""
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(f"sampler:\n  name: {sampler}\n  steps: 10\nskip:\n  name: linear\n"
+                                                 "  rho_bottom: 0.8\n")
+    rows = [dict(variant=v, step=k, sampler_step=k, t=900 - 400 * k, depth=i, level=i,
+                 prop=(worst if (k, i) == (2, 1) else 0.5) if v == "plain" else 0.4)
+            for v in ("plain", "linear") for k in range(3) for i in range(2)]
+    pd.DataFrame(rows).to_csv(job / "skip_norms.csv", index=False)
+
+
 def test_deepcache_rows(table, tmp_path):
     sweep(tmp_path, "deepcache_base", [dict(sampler="ddim", steps=100, fid=10.0, macs_per_sample=100.0, wall_time_s=100.0)])
     rows = []
@@ -92,7 +104,14 @@ def test_deepcache_rows(table, tmp_path):
     assert "N=2: 2.00x MACs, 1.50x wall, FID +0.40 +- 0.10" in measured
     assert verdict.startswith("partly")      # N = 10: +2.0 FID is 20% of the base 10: more than the rule's 10%
     _, _, measured, verdict = table.row_deepcache_nonuniform(tmp_path)
-    assert verdict == "reproduced" and "N=10: non-uniform - uniform -1.00 +- 0.14" in measured
+    assert verdict.startswith("reproduced") and "N=10: non-uniform - uniform -1.00 +- 0.14 (s.e. an upper bound)" in measured
+    # the paired sweep (non-uniform jobs paired with the uniform job at their N) takes precedence
+    sweep(tmp_path, "deepcache_nonuniform", [dict(sampler="ddim", steps=100, cache="deepcache", interval=n,
+                                                  schedule="nonuniform", fid=10.0, fid_diff=d, fid_diff_se=0.2)
+                                             for n, d in ((5, 0.1), (10, 0.9))])
+    _, _, measured, verdict = table.row_deepcache_nonuniform(tmp_path)
+    assert verdict.startswith("reversed") and "N=5: non-uniform - uniform +0.10 +- 0.20 (paired)" in measured
+    assert "N=10: non-uniform - uniform +0.90 +- 0.20 (paired)" in measured
 
 
 def test_analytic_fid_row(table, tmp_path):
@@ -167,8 +186,12 @@ def test_sde_skip_norms_mechanism_nll_and_convergence_rows(table, tmp_path):
                                   for k in (10, 20) for r, d in ((0.8, 3.0), (0.9, 1.0), (1.1, 0.5))])
     _, _, measured, verdict = table.row_sde(tmp_path)
     assert verdict.startswith("reproduced") and "rho 0.9: +1.00 +- 0.20" in measured
-    sweep(tmp_path, "skip_norms", [dict(sampler=s, steps=10, **{"prop_max/plain": p}) for s, p in (("dpmpp", 0.7), ("ddim", 1.2))])
-    assert table.row_skip_norms(tmp_path)[3] == "partly"
+    # skip norms: every (skip, evaluation) pair of each job's skip_norms.csv; one pair >= 1 breaks a run's claim
+    for job, (sampler, worst) in enumerate((("dpmpp", 0.99), ("ddim", 1.2))):
+        skip_norm_job(tmp_path / "skip_norms" / str(job), sampler, worst)
+    _, _, measured, verdict = table.row_skip_norms(tmp_path)
+    assert verdict.startswith("partly") and "dpmpp 10 steps: 0 of 6 >= 1, max 0.990 (i1, t 100)" in measured
+    assert "ddim 10 steps: 1 of 6 >= 1, max 1.200 (i1, t 100)" in measured
     sweep(tmp_path, "denoise_loss", [dict(skip="linear", rho_bottom=0.7, **{
         "rel_pixel_eps/all": 0.05, "rel_pixel_eps/all_se": 0.01, "rel_feature/low": -0.01, "rel_feature/low_se": 0.01,
         "rel_feature/mid": -0.06, "rel_feature/mid_se": 0.01, "rel_feature/high": 0.01, "rel_feature/high_se": 0.01})])

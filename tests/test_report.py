@@ -542,6 +542,30 @@ def test_archive_copies_only_the_small_result_files(report, tmp_path, capsys):
         report.archive(tmp_path / "other", tmp_path / "x")
 
 
+def test_skipnorms_reads_every_skip_and_evaluation_of_an_archived_run(report, tmp_path, capsys):
+    """task=skip_norms' per-evaluation table travels with the archive, and `report.py skipnorms` counts the
+    (skip, evaluation) pairs with prop >= 1 per run and variant and names where the largest one is."""
+    job = tmp_path / "sweep" / "0_sampler=heun"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text("sampler:\n  name: heun\n  steps: 5\nskip:\n  name: linear\n  rho_bottom: 0.8\n")
+    (job / "metrics.json").write_text("{}")
+    rows = [dict(variant=v, step=k, sampler_step=k // 2, t=800 - 100 * k, depth=i, level=i,
+                 prop=(1.25 if (k, i) == (3, 2) else 1.0 if (k, i) == (1, 0) else 0.5) * (0.9 if v == "linear" else 1))
+            for v in ("plain", "linear") for k in range(4) for i in range(3)]
+    pd.DataFrame(rows).to_csv(job / "skip_norms.csv", index=False)
+    (tmp_path / "sweep" / "summary.csv").write_text("job\n0_sampler=heun\n")
+    dest = tmp_path / "experiments" / "data" / "norms"
+    report.archive(tmp_path / "sweep", dest)
+    assert (dest / "0_sampler=heun" / "skip_norms.csv").read_bytes() == (job / "skip_norms.csv").read_bytes()
+    capsys.readouterr()
+    out = run(report, capsys, "skipnorms", str(dest), "--out", str(tmp_path / "norms.png"))
+    assert "| heun 5 steps | plain | 4 | 3 | 2 of 12 | 1.250 (i2, step 1, t 500) | 0.500 |" in out
+    assert "| heun 5 steps | linear (rho_bottom 0.800) | 4 | 3 | 1 of 12 | 1.125 (i2, step 1, t 500) | 0.450 |" in out
+    assert (tmp_path / "norms.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no skip_norms.csv"):
+        report.skip_norm_rows([tmp_path / "sweep" / "nothing"])
+
+
 def test_committed_data_holds_only_small_result_files(report):
     # experiments/data/ is for what `report.py archive` copies, and the JSON `report.py interaction --out`
     # writes from the features it reads: no samples, features, images or logs

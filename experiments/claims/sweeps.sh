@@ -68,7 +68,11 @@ group_rho_m()      { skip_sampler dpmpp_m 8,15,30,50 sampler=dpmpp; }
 group_skip_sde()   { skip_sampler ddpm 10,20,50 sampler=ddpm; }
 
 group_skip_norms() {  # prop_i = ||d_i|| / ||u_i|| at every skip and step, plain and rho_bottom = 0.8
-  run skip_norms task=skip_norms sampler=dpmpp,ddim sampler.steps=10 skip.rho_bottom=0.8
+  # (each job's skip_norms.csv is archived: report.py skipnorms reads every (skip, evaluation) pair)
+  run skip_norms task=skip_norms sampler=dpmpp,ddim,ddpm sampler.steps=10 skip.rho_bottom=0.8
+  run skip_norms_heun task=skip_norms sampler=heun sampler.steps=5 skip.rho_bottom=0.8
+  run skip_norms_unipc task=skip_norms sampler=diffusers sampler.scheduler=UniPCMultistepScheduler sampler.steps=10 \
+    skip.rho_bottom=0.8
 }
 
 group_denoise_loss() {  # the mechanism: pixel vs feature denoising loss against rho and t (1000 test images)
@@ -79,6 +83,14 @@ group_deepcache() {  # DDIM 100 steps, N = 2 / 3 / 5 / 10, uniform and non-unifo
   base deepcache_base base "n_samples=$N" sampler=ddim sampler.steps=100
   run deepcache "n_samples=$N" sampler=ddim sampler.steps=100 cache=deepcache cache.interval=2,3,5,10 \
     cache.schedule=uniform,nonuniform "metrics.paired_with=$RUNS/deepcache_base/base"
+}
+
+group_deepcache_schedule() {  # non-uniform vs uniform full steps at N = 5 / 10, paired with each other: the
+  # uniform jobs save their features, the non-uniform ones record fid_diff against the uniform one at their N
+  base deepcache_uniform '${cache.interval}' "n_samples=$N" sampler=ddim sampler.steps=100 cache=deepcache \
+    cache.interval=5,10 cache.schedule=uniform
+  run deepcache_nonuniform "n_samples=$N" sampler=ddim sampler.steps=100 cache=deepcache cache.interval=5,10 \
+    cache.schedule=nonuniform "metrics.paired_with=$RUNS/deepcache_uniform/\${cache.interval}"
 }
 
 gamma() {  # gamma [overrides...]: Analytic-DPM's Gamma for this model, written into its folder once (an
@@ -180,7 +192,7 @@ group_headline_unipc() {  # 5000 samples at 10 NFE, paired with DPM-Solver++(2M)
     skip.rho_bottom=1,0.9,0.8 "metrics.paired_with=$RUNS/headline_unipc_base/dpmpp"
 }
 
-ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache analytic
+ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache deepcache_schedule analytic
         analytic_dp analytic_nll compose compose_guided guidance headline headline_unipc)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
 part=${PART:-0/1}; k=${part%/*}; of=${part#*/}
