@@ -60,6 +60,48 @@ def paired_base(tmp, rows=20, seed=0, ref=SHIPPED / "ref_stats" / "fashion_mnist
     return [f"metrics.paired_with={d}"]
 
 
+def crafted_ref_stats(tmp, craft):
+    """A metrics.ref_stats_dir whose file for fashion_mnist's train split is `craft(shipped file, its path)`."""
+    src = SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz"
+    d = tmp / "ref"
+    d.mkdir()
+    craft(src, d / src.name)
+    return [f"metrics.ref_stats_dir={d}"]
+
+
+def without_meta(src, dst):
+    """The arrays RefStats.save writes, all but its json `meta`."""
+    import numpy as np
+
+    with np.load(src, allow_pickle=False) as z:
+        np.savez_compressed(dst, **{k: z[k] for k in z.files if k != "meta"})
+
+
+def truncated(src, dst):
+    dst.write_bytes(src.read_bytes()[:1000])          # a cut-off copy: no zip directory
+
+
+def nan_in_mu(src, dst):
+    from fewstep.metrics.fid import RefStats
+
+    ref = RefStats.load(src)
+    ref.mu[5] = float("nan")
+    ref.save(dst)
+
+
+def crafted_gamma(tmp, value):
+    """The shipped model's Gamma file, written as save_gamma writes it, with `value` at one timestep; sampled by
+    ddpm with variance=analytic."""
+    from fewstep.safe_io import load_tensors, save_tensors
+    from fewstep.strategies.variance.gamma import GAMMA_KIND
+
+    src = SHIPPED / "unet" / "gamma_1c51947559dab976_fashion_mnist_M1000.safetensors"
+    tensors, meta = load_tensors(src, GAMMA_KIND)
+    tensors["gamma"][10] = value
+    save_tensors(tmp / src.name, tensors, GAMMA_KIND, meta)
+    return ["sampler=ddpm", "variance=analytic", f"variance.gamma_path={tmp / src.name}"]
+
+
 # (id, overrides (a callable of tmp_path for files), words the one line must contain, decided by the config alone)
 CASES = [
     ("cache_branch", lambda t: ["cache=deepcache", "cache.branch=9"], "cache.branch must be in 0..8", False),
@@ -82,12 +124,24 @@ CASES = [
     ("infinite_eta", lambda t: ["sampler=ddim", "sampler.eta=inf"], "sampler.eta must be a finite number", True),
     ("nan_rho", lambda t: ["skip.rho_bottom=nan"], "skip.rho_bottom must be a finite number", True),
     *[(f"analytic_with_{s}", lambda t, s=s: [f"sampler={s}", "variance=analytic"],
-       f"sampler={s} has none to set", True) for s in ("dpmpp", "euler", "heun", "diffusers")],
+       f"sets the reverse variance of ddpm and ddim; sampler={s} has none to set", True)
+      for s in ("dpmpp", "euler", "heun", "diffusers")],
+    ("gamma_with_nan", lambda t: crafted_gamma(t, float("nan")), "holds non-finite Gamma values", False),
+    ("gamma_with_inf", lambda t: crafted_gamma(t, float("inf")), "holds non-finite Gamma values", False),
     ("ref_stats_of_another_dataset", renamed_ref_stats, "are of dataset 'fashion_mnist', this run needs 'mnist5k'",
      False),
     ("ref_stats_of_another_split", renamed_split_stats, "are of split 'train', this run needs 'test'", False),
+    ("ref_stats_without_meta", lambda t: crafted_ref_stats(t, without_meta),
+     "cannot be read (KeyError: 'meta is not a file in the archive')", False),
+    ("ref_stats_truncated", lambda t: crafted_ref_stats(t, truncated), "cannot be read (BadZipFile", False),
+    ("ref_stats_with_nan", lambda t: crafted_ref_stats(t, nan_in_mu), "hold non-finite numbers (inf or nan) in mu",
+     False),
     ("train_infinite_lr", lambda t: ["task=train", "task.lr=inf"], "task.lr must be a finite number", True),
+    ("train_fractional_batch_size", lambda t: ["task=train", "task.batch_size=1.5", "task.max_steps=1"],
+     "task.batch_size must be an integer >= 1 (got 1.5)", True),   # one step: a regression fails fast
     ("gamma_negative_seed", lambda t: ["task=gamma", "seed=-1"], "seed must be an integer", True),
+    ("gamma_fractional_timesteps", lambda t: ["task=gamma", "task.timesteps=2.5"],
+     "task.timesteps must be 'all', a stride k >= 1 or a list of integers in [0, 999] (got 2.5)", True),
     ("image_metrics_on_gmm", lambda t: ["dataset=gmm", "backbone=gmm_exact", "metrics=classifier"],
      "dataset=gmm takes metrics=gmm", True),
     ("denoise_loss_timestep_above_N", lambda t: ["task=denoise_loss", "task.timesteps=[100,1000]"],
@@ -126,3 +180,45 @@ def test_gmm_with_the_default_metrics_runs(tmp_path, monkeypatch):
     result = dispatch(compose_cfg(["dataset=gmm", "backbone=gmm_exact", "logger=none", "n_samples=200",
                                    "batch_size=200", "sampler.steps=10"]))
     assert "fid" not in result and result["cov_err"] < 1 and (tmp_path / "metrics.json").exists()
+
+
+def test_a_message_of_several_lines_is_cut_to_its_first(tmp_path, monkeypatch, capsys):
+    """An error whose text has several lines (an exception's message) still prints one line: its first."""
+    import fewstep.tasks.evaluate
+    from fewstep.config import ConfigError
+
+    def run(cfg):
+        raise ConfigError("the first line\nthe second line")
+
+    monkeypatch.setattr(fewstep.tasks.evaluate, "run", run)
+    cfg = compose_cfg(["logger=none", "metrics=cost"])
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cfg, tmp_path, capsys, "fewstep: error: the first line")
+
+
+@pytest.mark.parametrize("grid,words", [
+    (["sampler.steps=2"], "the sample entering network call 2 (t = 0) is not finite"),
+    (["sampler.steps=1", "sampler.endpoint=false"],
+     "the final sample (the last step of sampler=dpmpp, after 1 network calls) is not finite"),
+])
+def test_a_sampler_step_that_overflows_stops_the_run(grid, words, tmp_path, monkeypatch, capsys):
+    """A finite network output (3e38, near float32's largest number) that the sampler's step makes inf: its data
+    prediction x0 = (x - sigma eps) / alpha overflows at t = 999 (alpha ~ 0.006). On the grid (999, 0) the inf
+    sample enters network call 2 (the denoiser's input check names it); on the grid (999) DPM-Solver++ returns
+    that x0, the final sample (evaluate's check). Either way one line, exit 2, no metrics.json."""
+    import torch
+
+    import fewstep.tasks.evaluate as ev
+
+    build = ev.build_denoiser
+
+    def overflowing(cfg, device):
+        model = build(cfg, device)
+        call = model.backbone_out
+        monkeypatch.setattr(model, "backbone_out", lambda *a, **k: torch.full_like(call(*a, **k), 3e38))
+        return model
+
+    monkeypatch.setattr(ev, "build_denoiser", overflowing)
+    cfg = compose_cfg(["logger=none", "metrics=cost", "n_samples=2", "batch_size=2", *grid])
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cfg, tmp_path, capsys, words, sampling_started=True)

@@ -18,12 +18,15 @@ def run_here(tmp_path, monkeypatch, overrides):
 
 def test_metrics_json_names_the_weights_statistics_and_gamma(tmp_path, monkeypatch):
     from fewstep.metrics.classifier import file_digest
+    from fewstep.strategies.variance import find_gamma
 
     m = run_here(tmp_path, monkeypatch, ["sampler=ddpm", "sampler.steps=3", "variance=analytic", "n_samples=10"])
     ref = SHIPPED / "ref_stats" / "fashion_mnist-train-classifier-all.npz"
     assert m["weights"] == str(SHIPPED / "unet")
     assert m["ref_stats"] == str(ref) and m["ref_stats_sha256"] == file_digest(ref)
-    gamma = next((SHIPPED / "unet").glob("gamma_*.safetensors"))
+    # the file variance=analytic's own finder picks (the folder holds M1000 and M512: the largest M wins)
+    gamma = find_gamma(m["model_id"], [SHIPPED / "unet"], "fashion_mnist")
+    assert gamma.name.endswith("_M1000.safetensors")
     assert m["gamma"] == str(gamma) and m["gamma_sha256"] == file_digest(gamma)
 
 

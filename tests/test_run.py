@@ -132,4 +132,4 @@ def test_batch_size_changes_the_shipped_models_images_by_at_most_one_uint8_level
         imgs.append(to_uint8(x).int())
     diff = (imgs[0] - imgs[1]).abs()
     assert int(diff.max()) <= 1, int(diff.max())
-    assert float((diff > 0).float().mean()) <= 5e-3, float((diff > 0).float().mean())
+    assert float((diff > 0).float().mean()) <= 1e-3, float((diff > 0).float().mean())   # measured: 0 to 3e-4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -206,14 +207,30 @@ class RefStats:
 
     @classmethod
     def load(cls, path) -> "RefStats":
-        with np.load(path, allow_pickle=False) as z:
-            mu = z["mu"].astype(np.float64)
-            d = len(mu)
-            cov = np.zeros((d, d))
-            iu = np.triu_indices(d)
-            cov[iu] = z["cov_triu"]
-            cov = cov + np.triu(cov, 1).T
-            return cls(mu, cov, int(z["n"]), z["pr_features"].astype(np.float32), json.loads(str(z["meta"])))
+        """Read a file written by `save`. One that is not (truncated, corrupt, a key or its json `meta` missing)
+        or that holds a non-finite number (a nan in mu would crash the FID's eigendecomposition) is refused with
+        a one-line ValueError that says how to remake it."""
+        redo = "delete the file to recompute it (task=ref_stats)"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                mu = z["mu"].astype(np.float64)
+                d = len(mu)
+                cov = np.zeros((d, d))
+                iu = np.triu_indices(d)
+                cov[iu] = z["cov_triu"]
+                cov = cov + np.triu(cov, 1).T
+                ref = cls(mu, cov, int(z["n"]), z["pr_features"].astype(np.float32), json.loads(str(z["meta"])))
+        except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"reference statistics {path} cannot be read ({type(e).__name__}: {why}): "
+                             f"{redo}") from None
+        if not isinstance(ref.meta, dict):
+            raise ValueError(f"reference statistics {path} have no json object as meta: {redo}")
+        for name in ("mu", "cov", "pr_features"):
+            if not np.isfinite(getattr(ref, name)).all():
+                raise ValueError(f"reference statistics {path} hold non-finite numbers (inf or nan) in {name}: "
+                                 f"{redo}")
+        return ref
 
 
 def ref_stats_path(cfg_metrics, cfg_dataset, feature_name: str) -> Path:

@@ -17,10 +17,12 @@ from ..config import ConfigError, check
 SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho", "denoise_loss")
 
 
-def _whole(cfg, key: str, lo: int) -> int:
-    """cfg[key] as an integer >= lo; a float (1.5, or even 2.0), a bool or a string is refused, never truncated."""
+def _whole(cfg, key: str, lo: int, prefix: str = "") -> int:
+    """cfg[key] as an integer >= lo; a float (1.5, or even 2.0), a bool or a string is refused, never truncated.
+    prefix: the node's path in the messages ("task." for cfg.task)."""
     v = cfg[key]
-    check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key} must be an integer >= {lo} (got {v!r})")
+    check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+          f"{prefix}{key} must be an integer >= {lo} (got {v!r})")
     return v
 
 
@@ -175,7 +177,10 @@ def validate(cfg) -> None:
 
 
 def fail(msg: str) -> None:
-    print(f"fewstep: error: {msg}", file=sys.stderr)
+    """The command line's one error line, `fewstep: error: <msg>`, and exit 2. A message of several lines (an
+    exception's text, e.g. omegaconf's key / type / value block) is cut to its first, as config.user_errors does."""
+    lines = str(msg).strip().splitlines()
+    print(f"fewstep: error: {lines[0] if lines else 'invalid input'}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -1,9 +1,11 @@
 """task=evaluate: sample n_samples, measure quality and cost, write grid + metrics.json, log to W&B.
 
 Sample i always starts from (and draws its ancestral noise from) the generator seeded from (seed, i), so
-the numbers do not depend on batch_size or on the number of processes. Wall time covers sampling only (not
-the metrics); NFE is counted by the denoiser; MACs per sample = sum over call kinds of calls x MACs of that
-kind (FlopCounterMode).
+it gets the same noise at any batch_size and on any number of processes, and its output is the same up to
+the float round-off of batched kernels (after quantisation to uint8 a rare pixel moves by one level;
+tests/test_run.py bounds how many); the metrics agree to that and to the summation order of cross-rank
+sums. Wall time covers sampling only (not the metrics); NFE is counted by the denoiser; MACs per sample =
+sum over call kinds of calls x MACs of that kind (FlopCounterMode).
 
 Several processes (`trainer=ddp trainer.devices=8 trainer.num_nodes=2`, or `trainer=ddp_cpu
 trainer.devices=2` with gloo on CPU) go through `fewstep.parallel.run_parallel` (Lightning Fabric):
@@ -127,7 +129,8 @@ def generate(cfg, model, variance, shape, device, indices, on_batch=None, progre
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t_sample += time.perf_counter() - t0
-            check_finite(x, f"the final sample (after {model.nfe} network calls)")
+            check_finite(x, f"the final sample (the last step of sampler={cfg.sampler.name}, after {model.nfe} "
+                           f"network calls)")
             nfe.append(model.nfe)
             for k, v in model.calls.items():
                 calls_total[k] = calls_total.get(k, 0) + v * len(idx)

@@ -241,6 +241,8 @@ def _strategies_active(cfg) -> bool:
 
 def _settings(cfg) -> dict:
     """The task's settings from the config, checked (ConfigError, one line)."""
+    from omegaconf import OmegaConf
+
     from ..build import build_schedule
 
     tc = cfg.task
@@ -251,8 +253,7 @@ def _settings(cfg) -> dict:
          "dataset": cfg.dataset.name, "seed": int(cfg.seed)}
     ts = tc.timesteps
     try:
-        s["ts"] = check_timesteps(list(ts) if not isinstance(ts, (str, int)) and ts is not None else ts,
-                                  s["schedule"].N)
+        s["ts"] = check_timesteps(list(ts) if OmegaConf.is_list(ts) else ts, s["schedule"].N)
     except ValueError as e:
         raise ConfigError(f"task.{e}") from None
     return s

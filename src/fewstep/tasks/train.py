@@ -308,7 +308,17 @@ def init_weights(module, state: dict) -> list:
     return added
 
 
+# task=train's integer options and their least values: a fraction (batch_size=1.5) is refused, never truncated
+TRAIN_INTEGERS = {"batch_size": 1, "max_steps": 1, "warmup_steps": 0, "ckpt_every": 1, "sample_every": 1,
+                  "eval_samples": 1, "eval_steps": 1, "num_workers": 0}
+
+
 def validate_train_cfg(t) -> None:
+    """task=train's options (cfg.task), checked before any work: one-line ConfigError."""
+    from . import _whole
+
+    for key, lo in TRAIN_INTEGERS.items():
+        _whole(t, key, lo, prefix="task.")
     check(str(t.lr_schedule) in ("cosine", "constant"),
           f"task.lr_schedule must be cosine or constant (got {t.lr_schedule})")
     if t.min_snr_gamma is not None:

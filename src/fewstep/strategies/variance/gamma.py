@@ -105,11 +105,12 @@ def check_timesteps(timesteps, N: int) -> np.ndarray:
         if timesteps < 1:
             raise ValueError(f"timesteps stride must be >= 1 (got {timesteps})")
         return np.unique(np.append(np.arange(0, N, int(timesteps)), N - 1)).astype(np.int64)
-    if isinstance(timesteps, str):
+    if isinstance(timesteps, str) or not np.iterable(timesteps):   # 'every', 2.5, True
         raise ValueError(f"timesteps must be 'all', a stride k >= 1 or a list of integers in [0, {N - 1}] "
-                         f"(got '{timesteps}')")
+                         f"(got {timesteps!r})")
     ts = np.asarray(list(timesteps))
-    if ts.size == 0 or not np.all(np.mod(ts, 1) == 0) or ts.min() < 0 or ts.max() > N - 1:
+    if (ts.size == 0 or ts.dtype.kind not in "iuf" or not np.all(np.mod(ts, 1) == 0) or ts.min() < 0
+            or ts.max() > N - 1):
         raise ValueError(f"timesteps must be integers in [0, {N - 1}] (got {list(timesteps)})")
     return np.unique(ts.astype(np.int64))
 
@@ -191,8 +192,9 @@ def save_gamma(path, stats: GammaStats, *, model_id: str, dataset: str, schedule
 def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSchedule] = None,
                command: Optional[str] = None, guidance="any") -> dict:
     """Read a Gamma file -> dict of its metadata, tensors (timesteps, gamma, stderr), `stats` (GammaStats
-    state) and `path`; refuse one made for another model or noise schedule (one-line GammaMismatch), and
-    anything that is not a safetensors Gamma file (a pickle of the earlier .pt format is never unpickled)."""
+    state) and `path`; refuse one made for another model or noise schedule or holding a non-finite Gamma
+    (one-line GammaMismatch), and anything that is not a safetensors Gamma file (a pickle of the earlier .pt
+    format is never unpickled)."""
     path = Path(os.path.expanduser(str(path)))
     hint = f": estimate it with `{command}`" if command else ""
     if not path.is_file():
@@ -211,6 +213,9 @@ def load_gamma(path, model_id: Optional[str] = None, schedule: Optional[NoiseSch
     if schedule is not None and obj.get("schedule_id") != schedule_id(schedule):
         raise GammaMismatch(f"{path} holds Gamma for another noise schedule (N={obj.get('N')}) than this model's "
                             f"(N={schedule.N}){hint}")
+    if not bool(torch.isfinite(tensors["gamma"]).all()):   # nan would silently switch the noise off (sigma2 > 0)
+        raise GammaMismatch(f"{path} holds non-finite Gamma values (inf or nan): re-estimate it with "
+                            f"`{command or 'python run.py task=gamma'} task.overwrite=true`")
     obj.update({k: tensors[k] for k in ("timesteps", "gamma", "stderr")})
     if "stats_sum" in tensors and "stats_sumsq" in tensors:
         obj["stats"] = {"timesteps": tensors["timesteps"].numpy(), "sum": tensors["stats_sum"].numpy(),
