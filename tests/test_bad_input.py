@@ -134,6 +134,8 @@ CASES = [
     ("ref_stats_without_meta", lambda t: crafted_ref_stats(t, without_meta),
      "cannot be read (KeyError: 'meta is not a file in the archive')", False),
     ("ref_stats_truncated", lambda t: crafted_ref_stats(t, truncated), "cannot be read (BadZipFile", False),
+    ("ref_stats_task_on_a_truncated_file", lambda t: ["task=ref_stats", *crafted_ref_stats(t, truncated)],
+     "cannot be read (BadZipFile: File is not a zip file): recompute it with task=ref_stats task.force=true", False),
     ("ref_stats_with_nan", lambda t: crafted_ref_stats(t, nan_in_mu), "hold non-finite numbers (inf or nan) in mu",
      False),
     ("train_infinite_lr", lambda t: ["task=train", "task.lr=inf"], "task.lr must be a finite number", True),

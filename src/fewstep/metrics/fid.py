@@ -210,7 +210,7 @@ class RefStats:
         """Read a file written by `save`. One that is not (truncated, corrupt, a key or its json `meta` missing)
         or that holds a non-finite number (a nan in mu would crash the FID's eigendecomposition) is refused with
         a one-line ValueError that says how to remake it."""
-        redo = "delete the file to recompute it (task=ref_stats)"
+        redo = "recompute it with task=ref_stats task.force=true (or delete it)"
         try:
             with np.load(path, allow_pickle=False) as z:
                 mu = z["mu"].astype(np.float64)

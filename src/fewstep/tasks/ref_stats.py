@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from fewstep.config import user_errors
 from fewstep.metrics import _device, build_feature, check_metrics_cfg, ensure_ref_stats, ref_stats_path
 
 
@@ -20,6 +21,7 @@ def run(cfg) -> dict:
     t0 = time.time()
     extractor = build_feature(cfg.metrics, device)
     path = ref_stats_path(cfg.metrics, cfg.dataset, extractor.name)
-    ref = ensure_ref_stats(cfg.metrics, cfg.dataset, extractor, device, force=bool(cfg.task.force))
+    with user_errors():   # an unreadable or non-finite cached file: one line (task.force=true rebuilds it)
+        ref = ensure_ref_stats(cfg.metrics, cfg.dataset, extractor, device, force=bool(cfg.task.force))
     return dict(path=str(path), feature=extractor.name, n_images=ref.n, pr_rows=len(ref.pr_features),
                 dim=len(ref.mu), seconds=round(time.time() - t0, 1), size_bytes=path.stat().st_size)
