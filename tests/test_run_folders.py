@@ -278,7 +278,7 @@ def test_wandb_with_a_key_and_no_answering_server_times_out_and_keeps_the_result
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert elapsed < 150                                       # not wandb's own 90 s with retries
     assert metrics(out)["n_samples"] == 200 and (out / "samples.png").exists()
-    warnings = lines_with(p.stdout + p.stderr, "[fewstep] warning")
+    warnings = lines_with(p.stdout + p.stderr, "fewstep: warning")
     assert len(warnings) == 1 and "W&B" in warnings[0] and "Timed out" in warnings[0], (p.stdout[-2000:], p.stderr[-2000:])
 
 
@@ -309,7 +309,7 @@ def test_train_honours_logger_mode_disabled(tmp_path):
     text = p.stdout + p.stderr
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert "api key" not in text.lower() and "api_key" not in text.lower(), text[-2000:]
-    assert not lines_with(text, "[fewstep] warning"), text[-2000:]
+    assert not lines_with(text, "fewstep: warning"), text[-2000:]
     assert not (tmp_path / "hydra" / "wandb").exists() and not (run_dir / "wandb").exists()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, user_errors
+from .config import ConfigError, user_errors, warn
 from .denoiser import Denoiser
 from .schedule import NoiseSchedule
 
@@ -98,11 +98,6 @@ def build_network(cfg_backbone):
         return load_pretrained(cfg_backbone.pretrained, cfg_backbone.subfolder, name)
     warn(f"backbone={name} has no backbone.pretrained: sampling a randomly initialised network")
     return new_network(name, cfg_backbone.config)
-
-
-def warn(msg: str) -> None:
-    """One warning line on stderr, in the form of the command line's errors."""
-    print(f"fewstep: warning: {msg}", file=sys.stderr)
 
 
 def adapt(name: str, network):

@@ -53,6 +53,13 @@ class ConfigError(ValueError):
     """Invalid user input; the message is one line meant for the command line."""
 
 
+def warn(msg: str) -> None:
+    """One warning line on stderr, in the form of the command line's errors (`fewstep: warning: <msg>`)."""
+    import sys
+
+    print(f"fewstep: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -22,14 +22,11 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from .config import warn
 from .fileio import atomic_path
 from .run_folder import output_dir
 
 WANDB_KEYLESS_MODES = ("offline", "dryrun", "disabled")
-
-
-def warn(msg: str) -> None:
-    print(f"[fewstep] warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _one_line(e: BaseException) -> str:

@@ -406,7 +406,7 @@ def fit(cfg, out: Path, hashed=None):
         print(f"[tune_rho] after {trainer.global_step} steps: " + ", ".join(f"{k}={v:.5g}" for k, v in after.items()))
         improved = after["train_loss_final"] < before["train_loss_init"]
         if not improved:   # Adam's steps are noisy minibatch steps: they can end above where they started
-            from ..build import warn
+            from ..config import warn
 
             warn(f"task=tune_rho: the learned rho scores worse on its own training noise than the start "
                  f"({after['train_loss_final']:.5g} vs {before['train_loss_init']:.5g}); lower task.lr, raise "
