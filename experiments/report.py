@@ -162,7 +162,7 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
     print(markdown(best.rename(columns={"rho": "best rho_bottom", "grid": "rho_bottom tried",
                                         "edge": "on the grid's edge"})))
     M, r = best["nfe"].to_numpy(float), best["rho"].to_numpy(float)
-    law = rho_law(M, r)
+    law = rho_law(M, r, [grid_width(df.loc[df["nfe"] == m, "rho"], v) for m, v in zip(best["nfe"], r)])
     if isinstance(law, str):
         print(f"\n{law}")
         return
@@ -173,12 +173,27 @@ def fit_rho(df: pd.DataFrame, metric="fid"):
           f"RMS error = {law['rms']:.3f}, max |error| = {law['max_err']:.3f}")
 
 
-def rho_law(M, r):
+def grid_width(tried, best: float) -> float:
+    """The width of rho values that round to `best` on the grid `tried` (the rho_bottom run at one M, 1
+    included): half the gap to each neighbour (the one gap at an edge, doubled). A best rho is known only to
+    this resolution, a standard deviation of width / sqrt(12)."""
+    g = sorted(set(float(v) for v in tried) | {1.0, float(best)})
+    i = g.index(float(best))
+    lo = g[i] - g[i - 1] if i > 0 else None
+    hi = g[i + 1] - g[i] if i + 1 < len(g) else None
+    if lo is None and hi is None:
+        return 0.0
+    return ((lo if lo is not None else hi) + (hi if hi is not None else lo)) / 2
+
+
+def rho_law(M, r, width=None):
     """Least-squares fit of rho*(M) = 1 - C / M^alpha to the best rho_bottom r at NFE M: a dict of C, alpha,
-    their standard errors (None with two points: no scatter to read them from; rho* is known only to the
-    grid's step anyway), RMS and max error; or a one-line reason why no fit is possible. The law stays on
-    one side of 1 for every M (C > 0: below, C < 0: above), so it needs every rho* != 1 on the same side,
-    at two M at least."""
+    their standard errors (None with two points: no scatter to read them from), RMS and max error; or a
+    one-line reason why no fit is possible. width (per M, grid_width): rho* is known only to the grid's
+    resolution, so the standard errors are at least those of points with that rounding error (s.d.
+    width / sqrt(12)); without it they come from the residuals alone, and three points on one line read as
+    exact. The law stays on one side of 1 for every M (C > 0: below, C < 0: above), so it needs every rho* != 1
+    on the same side, at two M at least."""
     from scipy.optimize import curve_fit
 
     M, r = np.asarray(M, float), np.asarray(r, float)
@@ -202,6 +217,11 @@ def rho_law(M, r):
         return f"the fit rho*(M) = 1 - C / M^alpha did not converge ({e})"
     pred = 1 - C / M ** alpha
     se = np.sqrt(np.diag(cov)) if len(M) > 2 and np.all(np.isfinite(cov)) else None
+    if se is not None and width is not None:     # the rounding of rho* to the grid as a known error per point
+        sd = np.maximum(np.asarray(width, float), 1e-9) / np.sqrt(12)
+        law = lambda m, C, a: 1 - C / m ** a  # noqa: E731
+        _, cov_q = curve_fit(law, M, r, p0=(C, alpha), sigma=sd, absolute_sigma=True, maxfev=10000)
+        se = np.maximum(se, np.sqrt(np.diag(cov_q))) if np.all(np.isfinite(cov_q)) else se
     return {"C": float(C), "alpha": float(alpha), "C_se": None if se is None else float(se[0]),
             "alpha_se": None if se is None else float(se[1]), "rms": float(np.sqrt(np.mean((pred - r) ** 2))),
             "max_err": float(np.max(np.abs(pred - r)))}

@@ -108,6 +108,20 @@ def test_fit_rho_uncertainty_covers_noisy_optima(report, capsys):
     assert 0.005 < c_se < 0.2 and 0.005 < a_se < 0.2
 
 
+def test_rho_law_errors_are_at_least_the_grid_rounding(report):
+    """A best rho is known only to its grid's resolution: three optima on one line (rho* = 0.9 at every M, a
+    0.05 grid) fit exactly, yet C and alpha get the standard errors of points rounded to 0.05, not 0."""
+    assert report.grid_width([0.5, 0.8, 0.85, 0.9, 0.95, 1.05], 0.9) == pytest.approx(0.05)
+    assert report.grid_width([0.5, 0.6, 0.7], 0.5) == pytest.approx(0.1)          # an edge: its one gap
+    assert report.grid_width([0.5, 0.6, 0.8], 0.6) == pytest.approx(0.15)
+    M, r = [5, 10, 20], [0.9, 0.9, 0.9]
+    bare = report.rho_law(M, r)
+    assert bare["rms"] < 1e-9 and bare["alpha_se"] < 1e-6                          # residuals alone: "exact"
+    law = report.rho_law(M, r, [0.05] * 3)
+    assert law["C"] == pytest.approx(bare["C"]) and law["alpha"] == pytest.approx(bare["alpha"], abs=1e-6)
+    assert 0.005 < law["C_se"] < 0.05 and 0.01 < law["alpha_se"] < 0.2
+
+
 def test_frontier_marks_the_pareto_front_and_the_best_per_budget(report, tmp_path, capsys):
     full = 1e8
     rows = [  # (config overrides, fid, MACs in full calls, wall s): c is beaten by b (cheaper and better)

@@ -122,6 +122,7 @@ def row_skip_ode(root):
 
 
 def _best_by_m(root, sampler_sweeps):
+    """{M: best_rho's tuple} over the sampler's sweeps, and {M: the grid resolution at that best rho}."""
     frames = []
     for name in sampler_sweeps:
         try:
@@ -130,10 +131,13 @@ def _best_by_m(root, sampler_sweeps):
             pass
     if not frames:
         raise Missing(sampler_sweeps[0])
-    return best_rho(pd.concat(frames, ignore_index=True))
+    df = pd.concat(frames, ignore_index=True)
+    best = best_rho(df)
+    tried = df.assign(rho=df["rho_bottom"].astype(float)).groupby("nfe")["rho"].apply(list)
+    return best, {m: report.grid_width(tried[m], best[m][0] if best[m][4] else 1.0) for m in best}
 
 
-def _rho_law_cell(best):
+def _rho_law_cell(best, width=None):
     """One sampler's best rho by M and the fit of the law to them -> (text, +1 law holds / -1 reversed / 0 no
     verdict from this sampler / None: no rho* off 1 to fit, the law untestable here)."""
     M = sorted(best)
@@ -142,7 +146,7 @@ def _rho_law_cell(best):
     pts = ", ".join(f"M={int(m)}: {best[m][0]:g}" + ("" if best[m][4] or best[m][0] == 1
                                                      else f" ({pm(best[m][1], best[m][2])}, not significant)")
                     for m in M)
-    law = report.rho_law(M, r)
+    law = report.rho_law(M, r, None if width is None else [width[m] for m in M])
     if isinstance(law, str):
         if all(v == 1 for v in r):
             return f"{pts}; {law}", None
@@ -166,10 +170,10 @@ def row_rho_law(root):
     cells, n_for, n_against, n = [], 0, 0, 0
     for key, label in ODE:
         try:
-            best = _best_by_m(root, [f"skip_{key}", f"skip_{key}_m"])
+            best, width = _best_by_m(root, [f"skip_{key}", f"skip_{key}_m"])
         except Missing:
             continue
-        text, v = _rho_law_cell(best)
+        text, v = _rho_law_cell(best, width)
         cells.append(f"{label} {text}")
         if v is not None:
             n += 1
