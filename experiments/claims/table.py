@@ -288,8 +288,8 @@ def row_deepcache_nonuniform(root):
     paired = root / "deepcache_nonuniform"
     if (paired / "summary.csv").exists():
         df = sweep(root, "deepcache_nonuniform")
-        rows = [(int(r["interval"]), float(r["fid_diff"]), float(r["fid_diff_se"]), "paired")
-                for _, r in df.sort_values("interval").iterrows()]
+        rows = sorted((int(r["interval"]), float(r["fid_diff"]), float(r["fid_diff_se"]), "paired")
+                      for _, r in df.iterrows())
     else:
         _, df = _deepcache(root)
         rows = []
