@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import REPO, compose_cfg
 from fewstep.config import group
 from fewstep.backbones.uvit import UViT, UViTAdapter, batch_timesteps
 from fewstep.denoiser import Denoiser
@@ -18,7 +19,7 @@ from fewstep.strategies.skip import ScaleSkips, build_skip
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, patch_size=2, embed_dim=32, depth=7, num_heads=4)
 # the same tiny U-ViT from the command line / compose
-TINY_UVIT_OVERRIDES = ["backbone=uvit", "dataset=digits", "backbone.config.embed_dim=32", "metrics=cost"]
+TINY_UVIT_OVERRIDES = ["backbone=uvit", "backbone.pretrained=null", "dataset=digits", "backbone.config.embed_dim=32", "metrics=cost"]
 
 
 def make_uvit(seed=0, **overrides):
@@ -296,9 +297,30 @@ def test_default_config_size_as_documented():
     from fewstep.build import build_network
     from fewstep.metrics.cost import count_macs
 
-    net = build_network(compose_cfg(["backbone=uvit"]).backbone)
+    net = build_network(compose_cfg(["backbone=uvit", "backbone.pretrained=null"]).backbone)
     assert sum(p.numel() for p in net.parameters()) == 1_510_542
     assert round(count_macs(net, torch.randn(1, 1, 28, 28), torch.tensor([5])) / 1e9, 2) == 0.36
+
+
+def test_the_default_is_the_shipped_model_built_as_the_config_says():
+    """backbone=uvit loads checkpoints/fashion_mnist_uvit: the network conf/backbone/uvit.yaml describes (same
+    tensors, same shapes), stored in float16 and run in float32, with its training state beside it."""
+    from safetensors import safe_open
+
+    from fewstep.build import build_network
+
+    cfg = compose_cfg(["backbone=uvit"])
+    folder = Path(cfg.backbone.pretrained)
+    assert folder == REPO / "checkpoints" / "fashion_mnist_uvit"
+    shipped = build_network(cfg.backbone)
+    fresh = build_network(compose_cfg(["backbone=uvit", "backbone.pretrained=null"]).backbone)
+    assert {k: v.shape for k, v in shipped.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert {p.dtype for p in shipped.parameters()} == {torch.float32}
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["backbone"] == "uvit" and state["stored_dtype"] == "float16" and state["total_steps"] > 0
+    assert not any(torch.equal(a, b) for a, b in zip(shipped.parameters(), fresh.parameters()) if a.numel() > 1)
 
 
 def test_ship_stores_half_precision_weights_that_load_into_the_float32_network(uvit, tmp_path, capsys):
@@ -308,7 +330,6 @@ def test_ship_stores_half_precision_weights_that_load_into_the_float32_network(u
 
     from safetensors import safe_open
 
-    from conftest import REPO
     from fewstep.build import load_pretrained
 
     spec = importlib.util.spec_from_file_location("ship", REPO / "experiments" / "training" / "ship.py")

@@ -1,7 +1,8 @@
 """The training curves of the long runs: fast FID (with its standard error) against total training step, one
 line per progress log; the class-conditional run also shows its class accuracy. The larger-sample FIDs of
 saved exports (archived runs under experiments/data/training_evals/s<total step>_<sampler><NFE>[_n<samples>]/, made by
-the command in experiments/training/README.md) are drawn over them, one marker per sampler setting.
+the command in experiments/training/README.md; uvit_s<step>_... for the U-ViT) are drawn over them, one marker per
+model and sampler setting.
 
     python experiments/training/plot.py     # reads experiments/training/*.csv, writes experiments/figures/training.png
 """
@@ -23,13 +24,15 @@ def read(path: Path) -> list:
 
 
 def full_evals() -> dict:
-    """{label: [(total step, fid, fid_se)]} from the archived 5000-sample runs (folder s<step>_<label>)."""
+    """{(model, label): [(total step, fid, fid_se, n)]} from the archived larger-sample runs
+    (folder [<model>_]s<step>_<label>; no model prefix: the unconditional UNet)."""
     out = {}
-    for m in sorted((HERE.parent / "data" / "training_evals").glob("s*_*/metrics.json")):
-        hit = re.fullmatch(r"s(\d+)_(.+)", m.parent.name)
+    for m in sorted((HERE.parent / "data" / "training_evals").glob("*s*_*/metrics.json")):
+        hit = re.fullmatch(r"(?:([a-z]+)_)?s(\d+)_(.+)", m.parent.name)
         if hit:
             r = json.loads(m.read_text())
-            out.setdefault(hit.group(2), []).append((int(hit.group(1)), r["fid"], r.get("fid_se", 0.0), r["n_samples"]))
+            key = (hit.group(1) or "unet", hit.group(3))
+            out.setdefault(key, []).append((int(hit.group(2)), r["fid"], r.get("fid_se", 0.0), r["n_samples"]))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -54,10 +57,11 @@ def main() -> None:
             ax2.plot(*zip(*acc), marker="o", ms=3, label=path.stem)
         print(f"{path.name}: {len(rows)} rows, total step {step[0]}..{step[-1]}, fast FID {fid[0]:.1f} -> {fid[-1]:.1f}"
               f" (best {min(fid):.1f})" + (f", class accuracy {acc[-1][1]:.3f}" if acc else ""))
-    for label, pts in full_evals().items():
+    for (model, label), pts in full_evals().items():
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="s", ms=5, capsize=2,
-                    ls="--", label=f"unet, {label}, {pts[0][3]} samples")
-        print(f"{label} ({pts[0][3]} samples): " + ", ".join(f"step {p[0]}: FID {p[1]:.2f} +- {p[2]:.2f}" for p in pts))
+                    ls="--", label=f"{model}, {label}, {pts[0][3]} samples")
+        print(f"{'' if model == 'unet' else model + ' '}{label} ({pts[0][3]} samples): "
+              + ", ".join(f"step {p[0]}: FID {p[1]:.2f} +- {p[2]:.2f}" for p in pts))
     ax.set_yscale("log")      # the U-ViT starts from random weights (FID ~700), the UNets end near 5-15
     ax.set_xlabel("total training step")
     ax.set_ylabel("FID (classifier features, log scale)")
