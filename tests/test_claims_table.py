@@ -72,6 +72,18 @@ def test_rho_law_is_fitted_from_the_best_rho_per_nfe(table, tmp_path):
     assert table.row_rho_law(tmp_path)[3].startswith("partly (1 of 2 samplers")
 
 
+def test_a_finer_sweep_joins_its_sampler_s_rho_sweep(table, tmp_path):
+    """skip_<sampler>_fine (finer rho near the optimum, paired with its own base on the same noise) is read with
+    skip_<sampler>: its rho can be the best one, and it counts in the best-of-k bound."""
+    sweep(tmp_path, "skip_dpmpp", skip_rows({5: 0.65}, grid=(0.5, 0.6, 0.7, 0.8, 0.9, 1.1)))
+    sweep(tmp_path, "skip_dpmpp_fine", skip_rows({5: 0.65}, grid=(0.55, 0.65)))
+    _, _, measured, verdict = table.row_skip_ode(tmp_path)
+    assert "5: rho 0.65, -9.80 +- 0.30 (-49%)" in measured and verdict.startswith("reproduced (1 of 1")
+    assert table.z_best_of(8) > table.z_best_of(6)   # the 8 rho values tried at 5 NFE set the bound
+    best, width = table._best_by_m(tmp_path, ["skip_dpmpp", "skip_dpmpp_m", "skip_dpmpp_fine"])
+    assert best[5][0] == 0.65 and width[5] == pytest.approx(0.05)
+
+
 def test_rho_law_reads_a_tie_as_rho_one(table, tmp_path):
     """A best rho within the noise of rho = 1 is no point of the law: with no other, nothing is fitted."""
     sweep(tmp_path, "skip_dpmpp", skip_rows({5: 0.95, 10: 0.95, 20: 0.95}, se=2.0, grid=(0.9, 0.95, 1.05)))

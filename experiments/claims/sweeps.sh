@@ -66,6 +66,17 @@ group_skip_unipc() { skip_sampler unipc 5,10,20 sampler=diffusers sampler.schedu
 # rho*(M) ~ 1 - C / M^alpha: DPM-Solver++ at more M (5, 10, 20 come from skip_dpmpp)
 group_rho_m()      { skip_sampler dpmpp_m 8,15,30,50 sampler=dpmpp; }
 group_skip_sde()   { skip_sampler ddpm 10,20,50 sampler=ddpm; }
+# finer near the optimum where the main grid is 0.1 apart: the sweep skip_<sampler>_fine is read with skip_<sampler>
+skip_fine() {  # skip_fine <sampler key> <steps> <rho list> <overrides...>
+  local s=$1 steps=$2 rho=$3; shift 3
+  base "skip_${s}_fine_base" '${sampler.steps}' "n_samples=$N" "sampler.steps=$steps" "$@"
+  run "skip_${s}_fine" "n_samples=$N" "sampler.steps=$steps" "skip.rho_bottom=$rho" \
+    "metrics.paired_with=$RUNS/skip_${s}_fine_base/\${sampler.steps}" "$@"
+}
+group_skip_fine() {
+  skip_fine unipc 5 0.55,0.65 sampler=diffusers sampler.scheduler=UniPCMultistepScheduler   # best 0.6 of 0.5 / 0.6 / 0.7
+  skip_fine heun 5 0.4,0.45,0.55 sampler=heun                                                  # 9 NFE: best 0.5, the grid's edge
+}
 
 group_skip_norms() {  # prop_i = ||d_i|| / ||u_i|| at every skip and step, plain and rho_bottom = 0.8
   # (each job's skip_norms.csv is archived: report.py skipnorms reads every (skip, evaluation) pair)
@@ -192,7 +203,7 @@ group_headline_unipc() {  # 5000 samples at 10 NFE, paired with DPM-Solver++(2M)
     skip.rho_bottom=1,0.9,0.8 "metrics.paired_with=$RUNS/headline_unipc_base/dpmpp"
 }
 
-ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc rho_m skip_sde skip_norms denoise_loss deepcache deepcache_schedule analytic
+ALL=(skip_dpmpp skip_ddim skip_heun skip_unipc skip_fine rho_m skip_sde skip_norms denoise_loss deepcache deepcache_schedule analytic
         analytic_dp analytic_nll compose compose_guided guidance headline headline_unipc)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${ALL[@]}"; exit 0; fi
 part=${PART:-0/1}; k=${part%/*}; of=${part#*/}

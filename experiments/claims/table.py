@@ -42,6 +42,15 @@ def sweep(root: Path, name: str) -> pd.DataFrame:
     return report.load([str(d)])
 
 
+def skip_sweep(root: Path, key: str) -> pd.DataFrame:
+    """A sampler's rho sweep skip_<key>, with the finer rho of skip_<key>_fine where that was run (its jobs are
+    paired with their own base run, on the same noise as skip_<key>'s: the same seed and sample count)."""
+    df = sweep(root, f"skip_{key}")
+    if (root / f"skip_{key}_fine" / "summary.csv").exists():
+        df = pd.concat([df, sweep(root, f"skip_{key}_fine")], ignore_index=True)
+    return df
+
+
 def pm(d, se) -> str:
     return f"{d:+.2f} +- {se:.2f}"
 
@@ -101,7 +110,7 @@ def row_skip_ode(root):
     cells, n_for, n_against, n = [], 0, 0, 0
     for key, label in ODE:
         try:
-            df = sweep(root, f"skip_{key}")
+            df = skip_sweep(root, key)
         except Missing:
             continue
         parts = []
@@ -170,7 +179,7 @@ def row_rho_law(root):
     cells, n_for, n_against, n = [], 0, 0, 0
     for key, label in ODE:
         try:
-            best, width = _best_by_m(root, [f"skip_{key}", f"skip_{key}_m"])
+            best, width = _best_by_m(root, [f"skip_{key}", f"skip_{key}_m", f"skip_{key}_fine"])
         except Missing:
             continue
         text, v = _rho_law_cell(best, width)
