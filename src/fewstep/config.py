@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -55,9 +56,14 @@ class ConfigError(ValueError):
 
 def warn(msg: str) -> None:
     """One warning line on stderr, in the form of the command line's errors (`fewstep: warning: <msg>`)."""
-    import sys
-
     print(f"fewstep: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def first_line(text, default: str) -> str:
+    """The first line of a message for the one-line command-line output (an exception's text may have several,
+    e.g. omegaconf's key / type / value block); default when it is empty."""
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else default
 
 
 def check(cond: bool, msg: str) -> None:
@@ -170,5 +176,5 @@ def user_errors(where: str = ""):
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e, type(e).__name__)
         raise ConfigError(f"{where}{msg}") from None

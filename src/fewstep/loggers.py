@@ -16,13 +16,12 @@ import csv
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from .config import warn
+from .config import first_line, warn
 from .fileio import atomic_path
 from .run_folder import output_dir
 
@@ -30,8 +29,8 @@ WANDB_KEYLESS_MODES = ("offline", "dryrun", "disabled")
 
 
 def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+    msg = first_line(e, "").strip()
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def wandb_mode(cfg_logger) -> str:

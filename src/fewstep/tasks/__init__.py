@@ -12,7 +12,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, check
+from ..config import ConfigError, check, first_line
 
 SAMPLING_TASKS = ("evaluate", "skip_norms", "tune_rho", "denoise_loss")
 
@@ -178,9 +178,8 @@ def validate(cfg) -> None:
 
 def fail(msg: str) -> None:
     """The command line's one error line, `fewstep: error: <msg>`, and exit 2. A message of several lines (an
-    exception's text, e.g. omegaconf's key / type / value block) is cut to its first, as config.user_errors does."""
-    lines = str(msg).strip().splitlines()
-    print(f"fewstep: error: {lines[0] if lines else 'invalid input'}", file=sys.stderr)
+    exception's text, e.g. omegaconf's key / type / value block) is cut to its first (config.first_line)."""
+    print(f"fewstep: error: {first_line(msg, 'invalid input')}", file=sys.stderr)
     sys.exit(2)
 
 
