@@ -499,6 +499,13 @@ def skip_norm_rows(dirs) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def skip_norm_summary(df: pd.DataFrame) -> list:
+    """Per run and variant of skip_norm_rows: (run, variant, its rows, the pairs with prop >= 1, the row of the
+    largest prop), in the rows' order."""
+    return [(run, variant, g, int((g["prop"] >= 1).sum()), g.loc[g["prop"].idxmax()])
+            for (run, variant), g in df.groupby(["run", "variant"], sort=False)]
+
+
 def skip_norm_table(df: pd.DataFrame, out: str | None = None):
     """The skip-norm diagnostic over every (skip, evaluation): prop_i = ||d_i|| / ||u_i|| per run and variant
     (plain network, and the run's skip strategy), how many of the pairs reach prop >= 1, the largest prop and
@@ -506,12 +513,11 @@ def skip_norm_table(df: pd.DataFrame, out: str | None = None):
     heat map per run of the plain network's prop over skips (rows) and evaluations (columns)."""
     print("| run | variant | evaluations | skips | pairs with prop >= 1 | largest prop (skip, step, t) | median prop |")
     print("|---|---|---|---|---|---|---|")
-    for (run, variant), g in df.groupby(["run", "variant"], sort=False):
-        top = g.loc[g["prop"].idxmax()]
+    for run, variant, g, over, top in skip_norm_summary(df):
         label = variant if variant == "plain" else f"{variant} (rho_bottom {fmt(g['rho_bottom'].iloc[0])})"
-        print(f"| {run} | {label} | {g['step'].nunique()} | {g['depth'].nunique()} | {int((g['prop'] >= 1).sum())} "
-              f"of {len(g)} | {top['prop']:.3f} (i{int(top['depth'])}, step {int(top['sampler_step'])}, "
-              f"t {int(top['t'])}) | {g['prop'].median():.3f} |")
+        print(f"| {run} | {label} | {g['step'].nunique()} | {g['depth'].nunique()} | {over} of {len(g)} | "
+              f"{top['prop']:.3f} (i{int(top['depth'])}, step {int(top['sampler_step'])}, t {int(top['t'])}) | "
+              f"{g['prop'].median():.3f} |")
     if out is None:
         return
     import matplotlib

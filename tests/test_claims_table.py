@@ -80,7 +80,7 @@ def test_a_finer_sweep_joins_its_sampler_s_rho_sweep(table, tmp_path):
     _, _, measured, verdict = table.row_skip_ode(tmp_path)
     assert "5: rho 0.65, -9.80 +- 0.30 (-49%)" in measured and verdict.startswith("reproduced (1 of 1")
     assert table.z_best_of(8) > table.z_best_of(6)   # the 8 rho values tried at 5 NFE set the bound
-    best, width = table._best_by_m(tmp_path, ["skip_dpmpp", "skip_dpmpp_m", "skip_dpmpp_fine"])
+    best, width = table._best_by_m(tmp_path, "dpmpp")
     assert best[5][0] == 0.65 and width[5] == pytest.approx(0.05)
 
 

@@ -19,7 +19,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
@@ -42,13 +41,13 @@ def sweep(root: Path, name: str) -> pd.DataFrame:
     return report.load([str(d)])
 
 
-def skip_sweep(root: Path, key: str) -> pd.DataFrame:
-    """A sampler's rho sweep skip_<key>, with the finer rho of skip_<key>_fine where that was run (its jobs are
-    paired with their own base run, on the same noise as skip_<key>'s: the same seed and sample count)."""
-    df = sweep(root, f"skip_{key}")
-    if (root / f"skip_{key}_fine" / "summary.csv").exists():
-        df = pd.concat([df, sweep(root, f"skip_{key}_fine")], ignore_index=True)
-    return df
+def skip_sweep(root: Path, key: str, more=("fine",)) -> pd.DataFrame:
+    """A sampler's rho sweep skip_<key>, with the sweeps skip_<key>_<m> for m in `more` where they were run:
+    _fine, the finer rho near the optimum, and _m, the extra NFE of the rho*(M) law (their jobs are paired with
+    their own base runs, on the same noise as skip_<key>'s: the same seed and sample count)."""
+    frames = [sweep(root, f"skip_{key}")]
+    frames += [sweep(root, f"skip_{key}_{m}") for m in more if (root / f"skip_{key}_{m}" / "summary.csv").exists()]
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def pm(d, se) -> str:
@@ -130,17 +129,10 @@ def row_skip_ode(root):
                                                   f"significant by the bound for the rho tried)")
 
 
-def _best_by_m(root, sampler_sweeps):
-    """{M: best_rho's tuple} over the sampler's sweeps, and {M: the grid resolution at that best rho}."""
-    frames = []
-    for name in sampler_sweeps:
-        try:
-            frames.append(sweep(root, name))
-        except Missing:
-            pass
-    if not frames:
-        raise Missing(sampler_sweeps[0])
-    df = pd.concat(frames, ignore_index=True)
+def _best_by_m(root, key):
+    """{M: best_rho's tuple} over the sampler's rho sweeps (skip_sweep with its _m and _fine sweeps), and
+    {M: the grid resolution at that best rho}."""
+    df = skip_sweep(root, key, more=("m", "fine"))
     best = best_rho(df)
     tried = df.assign(rho=df["rho_bottom"].astype(float)).groupby("nfe")["rho"].apply(list)
     return best, {m: report.grid_width(tried[m], best[m][0] if best[m][4] else 1.0) for m in best}
@@ -179,7 +171,7 @@ def row_rho_law(root):
     cells, n_for, n_against, n = [], 0, 0, 0
     for key, label in ODE:
         try:
-            best, width = _best_by_m(root, [f"skip_{key}", f"skip_{key}_m", f"skip_{key}_fine"])
+            best, width = _best_by_m(root, key)
         except Missing:
             continue
         text, v = _rho_law_cell(best, width)
@@ -226,14 +218,10 @@ def row_skip_norms(root):
     if not dirs:
         raise Missing("skip_norms")
     df = report.skip_norm_rows(dirs)
-    df = df[df["variant"] == "plain"]
-    parts, ok = [], 0
-    for run, g in df.groupby("run", sort=False):
-        top = g.loc[g["prop"].idxmax()]
-        over = int((g["prop"] >= 1).sum())
-        ok += over == 0
-        parts.append(f"{run}: {over} of {len(g)} >= 1, max {top['prop']:.3f} (i{int(top['depth'])}, t {int(top['t'])})")
-    n = df["run"].nunique()
+    runs = [(run, g, over, top) for run, variant, g, over, top in report.skip_norm_summary(df) if variant == "plain"]
+    parts = [f"{run}: {over} of {len(g)} >= 1, max {top['prop']:.3f} (i{int(top['depth'])}, t {int(top['t'])})"
+             for run, g, over, top in runs]
+    ok, n = sum(over == 0 for _, _, over, _ in runs), len(runs)
     return ("skip-norm diagnostic: prop_i = ||d_i|| / ||u_i|| < 1 at every skip and step",
             "Skip-Tuning paper (the skips are not dominant)",
             "(skip, evaluation) pairs with prop_i >= 1, plain network, one batch of 64: " + "; ".join(parts),
